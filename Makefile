@@ -1,0 +1,38 @@
+# feddpa — set-up, main job, tests. Everything installs into ./.venv from the package registries.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_AUTH_MODE := disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+
+.PHONY: setup run test lint typecheck unit clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first and pinned: the CPU build; an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/feddpa train --config configs/default.yaml --run-dir runs/default-$$(date +%Y%m%d-%H%M%S)
+
+lint: setup
+	$(BIN)/ruff check feddpa tests benchmarks
+	$(BIN)/ruff format --check feddpa tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy feddpa
+
+test: lint typecheck
+	$(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,152 @@
+"""ClientHost: one process's share of the federation — a base model loaded once, and the clients
+it owns (data shard, local adapter, representation bank). Plain Python: the in-process runner uses
+it directly and the Ray client actor wraps it, so both paths run the same code.
+
+Only global-adapter tensors leave a host (`FitResult.global_state`); local adapters and banks are
+written by the host itself into the round's staging directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from feddpa.core import algorithms
+from feddpa.core.adapters import GLOBAL, LOCAL, AdapterState, adapter_state, fresh_adapter_state, load_adapter_state
+from feddpa.core.config import ExperimentConfig, WeightingConfig
+from feddpa.core.evaluation import ItemScores, representation_bank, score_items
+from feddpa.core.models import TaskModel, build_task_model
+from feddpa.core.models.loading import lora_config
+from feddpa.core.records import Example
+from feddpa.core.storage import load_adapter, load_bank, save_adapter, save_bank
+from feddpa.core.training import run_phase
+from feddpa.core.weighting import needs_bank
+from feddpa.datasets import read_manifest, read_shard, read_test
+
+log = logging.getLogger(__name__)
+
+POOLED = -1  # the Centralized baseline's single client holding every shard
+
+
+def client_dir(root: Path, client_id: int) -> Path:
+    return root / "clients" / f"client_{client_id:05d}"
+
+
+@dataclass
+class ClientState:
+    data: list[Example]
+    local: AdapterState | None = None
+    bank: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FitResult:
+    client_id: int
+    num_examples: int
+    global_state: AdapterState | None
+    losses: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    compute_s: float = 0.0
+
+
+class ClientHost:
+    def __init__(self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int]) -> None:
+        self.cfg = cfg
+        self.manifest = read_manifest(data_dir)
+        self.data_dir = data_dir
+        self.model: TaskModel = build_task_model(cfg.model, cfg.lora, cfg.eval)
+        self.lora_config = lora_config(cfg.model, cfg.lora)
+        self.weighting = algorithms.eval_weighting(cfg)
+        self.clients: dict[int, ClientState] = {}
+        self._test: list[Example] | None = None
+        for cid in client_ids:
+            self.clients[cid] = ClientState(self._read_data(cid))
+
+    def _read_data(self, client_id: int) -> list[Example]:
+        if client_id == POOLED:
+            return [ex for info in self.manifest.clients for ex in read_shard(self.data_dir, info)]
+        by_id = {info.client_id: info for info in self.manifest.clients}
+        if client_id not in by_id:
+            raise KeyError(f"client {client_id} is not in the manifest of {self.data_dir}")
+        return read_shard(self.data_dir, by_id[client_id])
+
+    @property
+    def test(self) -> list[Example]:
+        if self._test is None:
+            self._test = read_test(self.data_dir, self.manifest)
+        return self._test
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load every owned client's local adapter and bank from a committed round."""
+        for cid, state in self.clients.items():
+            cdir = client_dir(checkpoint, cid)
+            if (cdir / "local").is_dir():
+                state.local = load_adapter(cdir / "local")
+            if (cdir / "bank.safetensors").is_file():
+                state.bank = load_bank(cdir / "bank.safetensors")
+
+    def _local(self, cid: int) -> AdapterState:
+        state = self.clients[cid]
+        if state.local is None:
+            state.local = fresh_adapter_state(self.model.peft, algorithms.derive_seed(self.cfg.seed, "local-init", cid))
+        return state.local
+
+    def _load(self, global_state: AdapterState, cid: int) -> None:
+        load_adapter_state(self.model.peft, GLOBAL, global_state)
+        load_adapter_state(self.model.peft, LOCAL, self._local(cid))
+
+    def fit(self, cid: int, step: int, global_state: AdapterState, stage: Path | None) -> FitResult:
+        """Run the method's phases of `step` for client `cid`; stage its changed local files."""
+        start = time.perf_counter()
+        state = self.clients[cid]
+        finetune = step >= self.cfg.federation.rounds
+        phases = algorithms.finetune_phases(self.cfg) if finetune else algorithms.round_phases(self.cfg, step)
+        self._load(global_state, cid)
+        if finetune:  # FedDPA-F: the local adapter starts as a copy of the final global
+            load_adapter_state(self.model.peft, LOCAL, global_state)
+        losses = {}
+        for phase in phases:
+            seed = algorithms.derive_seed(self.cfg.seed, "fit", step, cid, phase.name)
+            result = run_phase(self.model, state.data, phase, self.cfg.train, seed)
+            losses[phase.name] = result.epoch_losses
+            log.info("round %d client %d phase %s loss %s", step, cid, phase.name, [round(x, 4) for x in result.epoch_losses])
+        if any(p.adapter == LOCAL for p in phases):
+            state.local = adapter_state(self.model.peft, LOCAL)
+            state.bank = None
+            if needs_bank(self.weighting):
+                state.bank = representation_bank(self.model, state.data, self.cfg.eval.batch_size)
+            if stage is not None:
+                self.write_client(cid, stage)
+        upload = adapter_state(self.model.peft, GLOBAL) if algorithms.uploads_global(self.cfg) and not finetune else None
+        return FitResult(cid, len(state.data), upload, losses, time.perf_counter() - start)
+
+    def write_client(self, cid: int, root: Path) -> None:
+        state = self.clients[cid]
+        cdir = client_dir(root, cid)
+        if state.local is not None:
+            save_adapter(state.local, self.lora_config, cdir / "local")
+        if state.bank is not None:
+            save_bank(state.bank, cdir / "bank.safetensors")
+
+    def evaluate(self, cid: int, global_state: AdapterState, step: int, weighting: WeightingConfig | None = None) -> ItemScores:
+        """Per-item test scores of client `cid` under its instance-wise weighting."""
+        weighting = weighting or self.weighting
+        self._load(global_state, cid)
+        bank = self.clients[cid].bank
+        if needs_bank(weighting) and bank is None:
+            bank = representation_bank(self.model, self.clients[cid].data, self.cfg.eval.batch_size)
+            self.clients[cid].bank = bank
+        seed = algorithms.derive_seed(self.cfg.seed, "eval", step, cid)
+        return score_items(self.model, self.test, weighting, bank, seed, self.cfg.eval.batch_size)
+
+    def evaluate_global(self, global_state: AdapterState) -> ItemScores:
+        """Per-item test scores of the global adapter alone (shared by all clients)."""
+        load_adapter_state(self.model.peft, GLOBAL, global_state)
+        only = self.weighting.model_copy(update={"mode": "global_only"})
+        return score_items(self.model, self.test, only, None, 0, self.cfg.eval.batch_size)
+
+    def initial_global(self) -> AdapterState:
+        return fresh_adapter_state(self.model.peft, algorithms.derive_seed(self.cfg.seed, "global-init"))

@@ -1,0 +1,154 @@
+"""`feddpa train | eval | data` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from feddpa.core.config import ConfigError, ExperimentConfig, load_config
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def setup_logging(run_dir: Path | None, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers[0].setLevel(logging.INFO if verbose else logging.WARNING)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setLevel(logging.INFO)
+        handlers.append(file_handler)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.output_dir) / f"{cfg.name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_results(run_dir: Path, title: str) -> None:
+    from feddpa.orchestrator.report import run_summary, write_report
+
+    summary = run_summary(run_dir)
+    table = write_report({title: summary}, run_dir / "results", title)
+    print(f"\n{title} — P (own task) and TTP (all tasks), %\n\n{table}")
+    print(f"tables and plots: {run_dir / 'results'}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from feddpa.orchestrator.executor import InProcessExecutor
+    from feddpa.orchestrator.loop import resumed_config, train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = resumed_config(run_dir)
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    setup_logging(run_dir, args.verbose)
+    start = time.perf_counter()
+    train(cfg, run_dir, InProcessExecutor, resume=bool(args.resume))
+    print_results(run_dir, cfg.method)
+    print(f"run directory: {run_dir} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from feddpa.orchestrator.reevaluate import reevaluate
+
+    run_dir = Path(args.run_dir)
+    setup_logging(None, args.verbose)
+    out = reevaluate(run_dir, args.set, Path(args.out) if args.out else None)
+    print(out)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from feddpa.datasets import read_manifest
+    from feddpa.datasets.prepare import prepare_shards
+
+    if args.data_cmd == "prepare":
+        cfg = load_config(args.config, args.set)
+        manifest = prepare_shards(cfg.data, Path(args.out), model_kind=cfg.model.kind)
+    else:
+        manifest = read_manifest(args.dir)
+    sizes = [c.num_examples for c in manifest.clients]
+    print(
+        json.dumps(
+            {
+                "clients": len(sizes),
+                "train_examples": sum(sizes),
+                "min_client": min(sizes),
+                "max_client": max(sizes),
+                "test_examples": manifest.test.num_examples,
+                "test_tasks": manifest.test.tasks,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="feddpa",
+        description="Federated fine-tuning with FedDPA dual adapters (global + local LoRA, "
+        "instance-wise weighting), evaluated by P (own task) and TTP (all tasks).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO to the console")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="train a method and evaluate it (writes a run directory)")
+    p.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults if omitted")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set federation.rounds=5 (repeatable)")
+    p.add_argument("--run-dir", help="where to write the run (default: OUTPUT_DIR/NAME-METHOD-TIME)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last committed round")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a run's latest checkpoint (optionally with another weighting)")
+    p.add_argument("run_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override weighting.* or eval.* keys, e.g. --set weighting.mode=sample")
+    p.add_argument("--out", help="directory for the tables and plots (default: RUN_DIR/results-eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="prepare or inspect per-client Parquet shards")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    q = dsub.add_parser("prepare", help="write client shards + manifest for a config's data section")
+    q.add_argument("--config")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--out", required=True, help="new directory for the shards")
+    q = dsub.add_parser("inspect", help="summarise a shard directory's manifest")
+    q.add_argument("dir")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"feddpa: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Experiment configuration: typed, frozen, validated on load.
+
+A config is a YAML file; `--set key.sub=value` overrides are applied before validation, and the
+resolved config is written into every run directory. Validation errors name the key and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Method = Literal["fedit", "feddpa_t", "feddpa_f", "local", "centralized"]
+WeightMode = Literal["sample", "bank", "fixed", "global_only", "local_only"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    kind: Literal["multiple_choice", "causal_lm"] = "multiple_choice"
+    path: str = Field("minilm", description="HF model dir, or 'minilm' for the embedded MiniLM")
+    max_length: int = Field(64, gt=0, description="token cutoff per sequence")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mc_scale: float = Field(20.0, gt=0, description="logit scale on cosine option scores")
+    threads: int = Field(0, ge=0, description="torch threads; 0 keeps the default")
+
+
+class LoraSettings(_Frozen):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] | None = None
+
+
+class DataConfig(_Frozen):
+    source: Literal["synthetic", "feddpa", "files"] = "synthetic"
+    path: str | None = Field(None, description="directory of the FedDPA release layout")
+    train_files: tuple[str, ...] = ()
+    test_file: str | None = None
+    tasks: tuple[str, ...] | None = Field(None, description="keep only these tasks")
+    partition: Literal["task", "dirichlet", "iid"] = "task"
+    num_clients: int | None = Field(None, gt=0)
+    alpha: float = Field(0.5, gt=0)
+    train_per_task: int = Field(300, gt=0)
+    test_per_task: int = Field(50, gt=0)
+    holdout_fraction: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataConfig:
+        if self.source == "feddpa" and not self.path:
+            raise ValueError("data.path must name the dataset directory when data.source is 'feddpa'")
+        if self.source == "files" and not (self.train_files and self.test_file):
+            raise ValueError("data.train_files and data.test_file are required for source 'files'")
+        if self.partition != "task" and self.num_clients is None:
+            raise ValueError(f"data.num_clients is required for partition '{self.partition}'")
+        return self
+
+
+class FederationConfig(_Frozen):
+    rounds: int = Field(3, ge=1)
+    fraction_fit: float = Field(1.0, gt=0, le=1)
+    min_fit_clients: int = Field(1, ge=1)
+
+
+class TrainConfig(_Frozen):
+    epochs: int = Field(1, ge=1, description="epochs of the global phase per round")
+    local_epochs: int = Field(1, ge=1, description="FedDPA-T local phase epochs / Local epochs")
+    finetune_epochs: int = Field(1, ge=1, description="FedDPA-F local fine-tuning epochs")
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    mix_a: float = Field(0.5, ge=0, le=1, description="FedDPA-T local-phase weight a")
+
+    @model_validator(mode="after")
+    def _micro(self) -> TrainConfig:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError("train.batch_size must be a multiple of train.micro_batch_size")
+        return self
+
+
+class WeightingConfig(_Frozen):
+    mode: WeightMode = "bank"
+    weight_on: Literal["global", "local"] = "global"
+    lam: float = Field(0.5, ge=0, le=1)
+    k: int = Field(5, ge=1, description="references per instance in 'sample' mode")
+    topk: int | None = Field(None, ge=1, description="'bank' mode: mean of the top-k cosines")
+    fixed: float = Field(0.5, ge=0, le=1)
+
+
+class EvalConfig(_Frozen):
+    every: int = Field(1, ge=0, description="evaluate every N rounds; 0 = only at the end")
+    batch_size: int = Field(64, ge=1)
+    max_test_per_task: int | None = Field(None, ge=1)
+    causal: Literal["generate", "auto"] = "auto"
+    num_beams: int = Field(4, ge=1)
+    max_new_tokens: int = Field(80, ge=1)
+
+
+class ExperimentConfig(_Frozen):
+    name: str = "feddpa"
+    seed: int = 0
+    method: Method = "feddpa_t"
+    output_dir: str = "runs"
+    keep_checkpoints: int = Field(2, ge=1)
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    weighting: WeightingConfig = WeightingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ConfigError(ValueError):
+    """A config file or override the user must fix; the message names the key."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], yaml-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def build_config(data: dict[str, Any], origin: str = "<config>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError(f"{origin}: invalid config\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    data: dict[str, Any] = {}
+    origin = "<defaults>"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded or {}
+    return build_config(apply_overrides(data, overrides or []), origin)
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,43 @@
+"""Model kinds behind one interface: a frozen HF model wrapped with the dual adapters.
+
+`TaskModel` is what training, weighting and evaluation call:
+
+- `loss(examples, mix)`: the training loss of a batch under an adapter mix;
+- `represent(texts)`: (B, H) representations with the local adapter only (for the weighting);
+- `score(examples, mix)`: per-item metric (accuracy 0/1, or ROUGE-1 F for free text) + predictions.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from feddpa.core.adapters import Mix
+from feddpa.core.config import EvalConfig, LoraSettings, ModelConfig
+from feddpa.core.records import Example
+
+
+class TaskModel(Protocol):
+    peft: torch.nn.Module
+
+    def loss(self, examples: list[Example], mix: Mix) -> torch.Tensor: ...
+
+    def represent(self, texts: list[str]) -> torch.Tensor: ...
+
+    def query_text(self, example: Example) -> str: ...
+
+    def score(self, examples: list[Example], mix: Mix) -> tuple[list[float], list[str]]: ...
+
+
+def build_task_model(model: ModelConfig, lora: LoraSettings, evaluation: EvalConfig) -> TaskModel:
+    """Load the base model once and attach the `global` and `local` adapters."""
+    if model.threads:
+        torch.set_num_threads(model.threads)
+    if model.kind == "multiple_choice":
+        from feddpa.core.models.mc import MultipleChoiceModel
+
+        return MultipleChoiceModel.load(model, lora)
+    from feddpa.core.models.causal import CausalLMModel
+
+    return CausalLMModel.load(model, lora, evaluation)

@@ -1,0 +1,150 @@
+"""Causal LM with dual adapters — the paper's setting (FedDPA, arXiv 2403.19211, Sec. 5).
+
+Training: Alpaca short prompt, loss on response tokens only, EOS appended, cut at `max_length`.
+Evaluation: items with an OPTIONS block are scored by the mean log-likelihood of each option given
+the prompt (`eval.causal: auto`), or every item is generated (beam search) and scored by ROUGE-1 F
+(`eval.causal: generate`, the paper's protocol). The weighting representation is the final-layer
+hidden state of the last prompt token, local adapter only.
+"""
+
+from __future__ import annotations
+
+import torch
+from rouge_score import rouge_scorer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from feddpa.core.adapters import LOCAL_ONLY, Mix, attach_dual_adapters, mixed
+from feddpa.core.config import EvalConfig, LoraSettings, ModelConfig
+from feddpa.core.models.loading import lora_config, resolve_model_path, torch_dtype
+from feddpa.core.records import Example
+
+PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+IGNORE = -100
+
+
+def prompt_for(instruction: str) -> str:
+    return PROMPT.format(instruction=instruction)
+
+
+class CausalLMModel:
+    def __init__(self, peft, tokenizer, max_length: int, evaluation: EvalConfig) -> None:
+        self.peft = peft
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.eval_cfg = evaluation
+        self.rouge = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, lora: LoraSettings, evaluation: EvalConfig) -> CausalLMModel:
+        path = resolve_model_path(cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg))
+        peft = attach_dual_adapters(base, lora_config(cfg, lora, base.config.model_type))
+        peft.eval()
+        return cls(peft, tokenizer, cfg.max_length, evaluation)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.peft.parameters()).device
+
+    def query_text(self, example: Example) -> str:
+        return prompt_for(example.instruction)
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _pad(self, seqs: list[list[int]], labels: list[list[int]] | None, left: bool) -> dict:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids, mask, labs = [], [], []
+        for i, seq in enumerate(seqs):
+            gap = width - len(seq)
+            fill, ones = [pad] * gap, [1] * len(seq)
+            ids.append(fill + seq if left else seq + fill)
+            mask.append([0] * gap + ones if left else ones + [0] * gap)
+            if labels is not None:
+                labs.append(labels[i] + [IGNORE] * gap)
+        batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        if labels is not None:
+            batch["labels"] = torch.tensor(labs)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def training_sequence(self, example: Example) -> tuple[list[int], list[int]]:
+        """(input ids, labels): prompt tokens masked with -100, EOS appended, cut at max_length."""
+        prompt = self._ids(prompt_for(example.instruction), special=True)
+        answer = self._ids(example.output, special=False) + [self.tokenizer.eos_token_id]
+        ids = (prompt + answer)[: self.max_length]
+        labels = ([IGNORE] * len(prompt) + answer)[: self.max_length]
+        return ids, labels
+
+    def loss(self, examples: list[Example], mix: Mix) -> torch.Tensor:
+        seqs = [self.training_sequence(e) for e in examples]
+        batch = self._pad([s for s, _ in seqs], [lab for _, lab in seqs], left=False)
+        with mixed(self.peft, mix):
+            return self.peft(**batch).loss
+
+    def _prompt_batch(self, texts: list[str]) -> dict:
+        return self._pad([self._ids(t, special=True)[-self.max_length :] for t in texts], None, True)
+
+    @torch.no_grad()
+    def represent(self, texts: list[str]) -> torch.Tensor:
+        batch = self._prompt_batch(texts)
+        with mixed(self.peft, LOCAL_ONLY):
+            out = self.peft(**batch, output_hidden_states=True)
+        return out.hidden_states[-1][:, -1, :].float().cpu()  # left padding: last = last prompt token
+
+    @torch.no_grad()
+    def generate(self, examples: list[Example], mix: Mix) -> list[str]:
+        batch = self._prompt_batch([prompt_for(e.instruction) for e in examples])
+        beams = self.eval_cfg.num_beams
+        with mixed(self.peft, mix.rows(repeat=beams)):
+            out = self.peft.generate(
+                **batch,
+                num_beams=beams,
+                do_sample=False,
+                max_new_tokens=self.eval_cfg.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def option_loglik(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
+        """Per example: mean log-likelihood of each option's tokens given the prompt."""
+        seqs, labels, owners = [], [], []
+        for i, ex in enumerate(examples):
+            prompt = self._ids(prompt_for(ex.instruction), special=True)
+            for opt in ex.options:
+                answer = self._ids(opt, special=False) + [self.tokenizer.eos_token_id]
+                seqs.append((prompt + answer)[-self.max_length :])
+                labels.append(([IGNORE] * len(prompt) + answer)[-self.max_length :])
+                owners.append(i)
+        batch = self._pad(seqs, labels, left=False)
+        with mixed(self.peft, mix.rows(torch.tensor(owners))):
+            logits = self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        target = batch["labels"][:, 1:]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        keep = target != IGNORE
+        tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+        per_seq = (tok.sum(1) / keep.sum(1).clamp(min=1)).cpu()
+        owner_t = torch.tensor(owners)
+        return [per_seq[owner_t == i] for i in range(len(examples))]
+
+    def score(self, examples: list[Example], mix: Mix) -> tuple[list[float], list[str]]:
+        scores: list[float] = [0.0] * len(examples)
+        preds: list[str] = [""] * len(examples)
+        by_options = [i for i, e in enumerate(examples) if e.options and self.eval_cfg.causal == "auto"]
+        free = [i for i in range(len(examples)) if i not in set(by_options)]
+        if by_options:
+            sub = [examples[i] for i in by_options]
+            for i, ex, ll in zip(by_options, sub, self.option_loglik(sub, mix.rows(torch.tensor(by_options))), strict=True):
+                preds[i] = ex.options[int(ll.argmax())]
+                scores[i] = float(preds[i] == ex.output)
+        if free:
+            sub = [examples[i] for i in free]
+            for i, ex, text in zip(free, sub, self.generate(sub, mix.rows(torch.tensor(free))), strict=True):
+                preds[i] = text
+                scores[i] = self.rouge.score(ex.output, text)["rouge1"].fmeasure
+        return scores, preds

@@ -1,0 +1,70 @@
+"""On-disk formats shared by training and serving: adapters in stock PEFT format, representation
+banks, and atomic writes (write to a temp file, fsync, rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+ADAPTER_FILE = "adapter_model.safetensors"
+BANK_FILE = "bank.safetensors"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: object) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter(state: dict[str, torch.Tensor], config: LoraConfig, directory: Path) -> None:
+    """Stock PEFT layout: `PeftModel.from_pretrained(base, directory)` loads it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(state, directory / ADAPTER_FILE)
+    config.save_pretrained(str(directory))
+
+
+def load_adapter(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / ADAPTER_FILE))
+
+
+def save_bank(bank: torch.Tensor, path: Path) -> None:
+    save_tensors({"bank": bank.float()}, path)
+
+
+def load_bank(path: Path) -> torch.Tensor:
+    return load_file(str(path))["bank"]

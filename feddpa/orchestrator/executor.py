@@ -1,0 +1,63 @@
+"""Executors run client work for the round loop. `InProcessExecutor` hosts every client in this
+process — the reference path; the Ray executor (feddpa.orchestrator.ray_executor) spreads the same
+`ClientHost` calls over actors. Both yield results as they complete."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from feddpa.actors.host import POOLED, ClientHost, FitResult
+from feddpa.core.adapters import AdapterState
+from feddpa.core.config import ExperimentConfig, WeightingConfig
+from feddpa.core.evaluation import ItemScores
+
+
+class Executor(Protocol):
+    def fit(
+        self, step: int, client_ids: list[int], global_state: AdapterState, stage: Path
+    ) -> Iterator[FitResult]: ...
+
+    def evaluate(
+        self, step: int, client_ids: list[int], global_state: AdapterState, weighting: WeightingConfig
+    ) -> Iterator[tuple[int, ItemScores]]: ...
+
+    def evaluate_global(self, global_state: AdapterState) -> ItemScores: ...
+
+    def initial_global(self) -> AdapterState: ...
+
+    def close(self) -> None: ...
+
+
+def hosted_ids(cfg: ExperimentConfig, client_ids: list[int]) -> list[int]:
+    """The clients hosts must own: the pooled client for Centralized, else the federation's."""
+    return [POOLED] if cfg.method == "centralized" else client_ids
+
+
+class InProcessExecutor:
+    def __init__(
+        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], restore: Path | None
+    ) -> None:
+        self.host = ClientHost(cfg, data_dir, hosted_ids(cfg, client_ids))
+        if restore is not None:
+            self.host.restore(restore)
+
+    def fit(self, step, client_ids, global_state, stage):
+        for cid in tqdm(client_ids, desc=f"round {step} clients", leave=False, unit="client"):
+            yield self.host.fit(cid, step, global_state, stage)
+
+    def evaluate(self, step, client_ids, global_state, weighting):
+        for cid in tqdm(client_ids, desc=f"round {step} eval", leave=False, unit="client"):
+            yield cid, self.host.evaluate(cid, global_state, step, weighting)
+
+    def evaluate_global(self, global_state):
+        return self.host.evaluate_global(global_state)
+
+    def initial_global(self):
+        return self.host.initial_global()
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,181 @@
+"""The round loop shared by the in-process and the Ray paths.
+
+    for each round: sample clients (seeded by round) → fit → fold each global update into the
+    running FedAvg as it arrives → evaluate when due → commit the round atomically
+
+FedDPA-F adds one last step after the rounds (index `rounds`): every client fine-tunes a copy of
+the final global adapter as its local adapter. All randomness derives from (seed, round, client),
+so a resumed run replays exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from feddpa.core import algorithms
+from feddpa.core.adapters import AdapterState
+from feddpa.core.config import ExperimentConfig, load_config, save_config
+from feddpa.core.evaluation import ItemScores, summarize
+from feddpa.core.fedavg import RunningAverage
+from feddpa.core.models.loading import lora_config
+from feddpa.datasets import Manifest, read_manifest, read_test
+from feddpa.datasets.prepare import prepare_shards
+from feddpa.orchestrator.checkpoint import Checkpoints
+from feddpa.orchestrator.executor import Executor
+from feddpa.orchestrator.sampling import sample_clients
+
+log = logging.getLogger(__name__)
+
+ExecutorFactory = Callable[[ExperimentConfig, str, list[int], Path | None], Executor]
+
+
+def total_steps(cfg: ExperimentConfig) -> int:
+    return cfg.federation.rounds + (1 if algorithms.finetune_phases(cfg) else 0)
+
+
+def eval_due(cfg: ExperimentConfig, step: int) -> bool:
+    last = step == total_steps(cfg) - 1
+    return last or (cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0)
+
+
+def step_weighting(cfg: ExperimentConfig, step: int):
+    """FedDPA-F's rounds before its fine-tuning step are FedIT rounds: evaluate the global alone."""
+    if cfg.method == "feddpa_f" and step < cfg.federation.rounds:
+        return cfg.weighting.model_copy(update={"mode": "global_only"})
+    return algorithms.eval_weighting(cfg)
+
+
+def evaluate(
+    executor: Executor, cfg: ExperimentConfig, manifest: Manifest, test, step: int, global_state
+) -> dict:
+    weighting = step_weighting(cfg, step)
+    ids = [c.client_id for c in manifest.clients]
+    if weighting.mode == "global_only":  # one evaluation serves every client
+        shared = executor.evaluate_global(global_state)
+        items: dict[int, ItemScores] = dict.fromkeys(ids, shared)
+    else:
+        items = dict(executor.evaluate(step, ids, global_state, weighting))
+    clients = {
+        str(c.client_id): {"tasks": sorted(c.tasks), **summarize(test, items[c.client_id], set(c.tasks))}
+        for c in manifest.clients
+    }
+    avg = {k: sum(v[k] for v in clients.values()) / len(clients) for k in ("P", "TTP")}
+    return {"weighting": weighting.mode, "avg": avg, "clients": clients}
+
+
+def start_run(cfg: ExperimentConfig, run_dir: Path) -> None:
+    if run_dir.exists() and any(p.name != "train.log" for p in run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {run_dir} already exists and is not empty; choose another "
+            f"--run-dir or continue it with --resume {run_dir}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+
+def resumed_config(run_dir: Path) -> ExperimentConfig:
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a feddpa run directory")
+    return load_config(run_dir / "config.yaml")
+
+
+def append_metrics(run_dir: Path, record: dict, upto_step: int) -> None:
+    """Append `record`, first dropping lines of steps >= upto_step left by a killed run."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["round"] < upto_step]
+    path.write_text("".join(ln + "\n" for ln in [*kept, json.dumps(record, sort_keys=True)]))
+
+
+def train(
+    cfg: ExperimentConfig, run_dir: Path, make_executor: ExecutorFactory, *, resume: bool = False
+) -> dict:
+    """Run (or resume) a training run; returns the final evaluation record."""
+    if resume:
+        cfg = resumed_config(run_dir)
+    else:
+        start_run(cfg, run_dir)
+    data_dir = run_dir / "data"
+    manifest = prepare_shards(
+        cfg.data, data_dir, model_kind=cfg.model.kind, max_test_per_task=cfg.eval.max_test_per_task
+    )
+    test = read_test(str(data_dir), manifest)
+    client_ids = [c.client_id for c in manifest.clients]
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
+    latest = ckpts.latest()
+    executor = make_executor(cfg, str(data_dir), client_ids, latest)
+    try:
+        start = ckpts.state(latest)["completed_steps"] if latest else 0
+        global_state = ckpts.global_state(latest) if latest else executor.initial_global()
+        log.info("run %s: method %s, %d clients, steps %d..%d", run_dir, cfg.method, len(client_ids), start, total_steps(cfg) - 1)
+        final: dict = {}
+        for step in tqdm(range(start, total_steps(cfg)), desc="rounds", unit="round", initial=start, total=total_steps(cfg)):
+            global_state, final = run_step(cfg, step, executor, ckpts, manifest, test, global_state, run_dir)
+        if not final and latest is not None:
+            final = json.loads((latest / "metrics.json").read_text()).get("eval", {})
+        return final
+    finally:
+        executor.close()
+
+
+def run_step(
+    cfg: ExperimentConfig,
+    step: int,
+    executor: Executor,
+    ckpts: Checkpoints,
+    manifest: Manifest,
+    test,
+    global_state: AdapterState,
+    run_dir: Path,
+) -> tuple[AdapterState, dict]:
+    t0 = time.perf_counter()
+    ids = [c.client_id for c in manifest.clients]
+    finetune = step >= cfg.federation.rounds
+    sampled = ids if finetune else sample_clients(ids, cfg.federation, cfg.seed, step)
+    fit_ids = [-1] if cfg.method == "centralized" and not finetune else sampled
+    stage = ckpts.stage(step)
+    avg = RunningAverage()
+    losses, compute, bytes_up = {}, 0.0, 0
+    for res in executor.fit(step, fit_ids, global_state, stage):
+        losses[str(res.client_id)] = res.losses
+        compute += res.compute_s
+        if res.global_state is not None:
+            avg.add(res.global_state, res.num_examples)
+            bytes_up += sum(t.numel() * t.element_size() for t in res.global_state.values())
+    t_fit = time.perf_counter()
+    if avg.count:
+        global_state = avg.result()
+    t_agg = time.perf_counter()
+    evaluation = evaluate(executor, cfg, manifest, test, step, global_state) if eval_due(cfg, step) else {}
+    t_eval = time.perf_counter()
+    record = {
+        "round": step,
+        "phase": "finetune" if finetune else "round",
+        "sampled": sampled,
+        "losses": losses,
+        "bytes_up": bytes_up,
+        "timing": {
+            "fit_s": t_fit - t0,
+            "client_compute_s": compute,
+            "aggregate_s": t_agg - t_fit,
+            "eval_s": t_eval - t_agg,
+        },
+        "eval": evaluation,
+    }
+    state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled}
+    ckpts.commit(step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record)
+    record["timing"]["checkpoint_s"] = time.perf_counter() - t_eval
+    append_metrics(run_dir, record, step)
+    if evaluation:
+        log.info("round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"])
+    return global_state, evaluation
+
+
+def run_manifest(run_dir: Path) -> Manifest:
+    return read_manifest(str(run_dir / "data"))

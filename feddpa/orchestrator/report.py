@@ -1,0 +1,112 @@
+"""P/TTP tables (Markdown + CSV) and plots (per-round curves per method, per-client bars)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+Summary = dict  # {"final": eval record, "curve": [[round, P, TTP], ...]}
+
+
+def run_summary(run_dir: Path) -> Summary:
+    """The final evaluation and the per-round curve of a run, from its metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: nothing was trained there yet")
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    evals = [r for r in records if r.get("eval")]
+    if not evals:
+        raise ValueError(f"{path}: no evaluated round yet")
+    curve = [[r["round"], r["eval"]["avg"]["P"], r["eval"]["avg"]["TTP"]] for r in evals]
+    return {"final": evals[-1]["eval"], "curve": curve}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def table_rows(summaries: dict[str, Summary]) -> list[dict]:
+    """Long-format rows: method, client, tasks, P, TTP (plus one 'average' row per method)."""
+    rows = []
+    for method, s in summaries.items():
+        for cid, c in s["final"]["clients"].items():
+            rows.append({"method": method, "client": cid, "tasks": "+".join(c["tasks"]), "P": c["P"], "TTP": c["TTP"]})
+        avg = s["final"]["avg"]
+        rows.append({"method": method, "client": "average", "tasks": "", "P": avg["P"], "TTP": avg["TTP"]})
+    return rows
+
+
+def markdown_table(summaries: dict[str, Summary]) -> str:
+    methods = list(summaries)
+    first = summaries[methods[0]]["final"]["clients"]
+    head = "| client | task(s) | " + " | ".join(f"{m} P | {m} TTP" for m in methods) + " |"
+    sep = "|---|---|" + "---:|---:|" * len(methods)
+    lines = [head, sep]
+    for cid, c in first.items():
+        cells = []
+        for m in methods:
+            mc = summaries[m]["final"]["clients"][cid]
+            cells += [_pct(mc["P"]), _pct(mc["TTP"])]
+        tasks = ", ".join(c["tasks"]) if len(c["tasks"]) <= 2 else f"{len(c['tasks'])} tasks"
+        lines.append(f"| {cid} | {tasks} | " + " | ".join(cells) + " |")
+    avg = []
+    for m in methods:
+        a = summaries[m]["final"]["avg"]
+        avg += [f"**{_pct(a['P'])}**", f"**{_pct(a['TTP'])}**"]
+    lines.append("| **average** | | " + " | ".join(avg) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(summaries: dict[str, Summary], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, idx, label in ((axes[0], 1, "P (own task)"), (axes[1], 2, "TTP (all tasks)")):
+        for method, s in summaries.items():
+            xs = [r[0] + 1 for r in s["curve"]]
+            ax.plot(xs, [100 * r[idx] for r in s["curve"]], marker="o", label=method)
+        ax.set_xlabel("round")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (%)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_clients(summaries: dict[str, Summary], path: Path) -> None:
+    methods = list(summaries)
+    clients = list(summaries[methods[0]]["final"]["clients"])[:40]
+    width = 0.8 / len(methods)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(clients) * 0.9), 7), sharex=True)
+    for ax, key in zip(axes, ("P", "TTP"), strict=True):
+        for i, m in enumerate(methods):
+            vals = [100 * summaries[m]["final"]["clients"][c][key] for c in clients]
+            ax.bar([j + i * width for j in range(len(clients))], vals, width, label=m)
+        ax.set_ylabel(f"{key} (%)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(clients))], clients)
+    axes[1].set_xlabel("client")
+    axes[0].legend(ncol=len(methods), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(summaries: dict[str, Summary], out_dir: Path, title: str) -> str:
+    """Write results.md, results.csv, curves.png and clients.png; return the Markdown table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(summaries)
+    (out_dir / "results.md").write_text(f"# {title}\n\nScores in %. P: own task(s); TTP: all tasks.\n\n{table}")
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["method", "client", "tasks", "P", "TTP"])
+        writer.writeheader()
+        writer.writerows(table_rows(summaries))
+    plot_curves(summaries, out_dir / "curves.png")
+    plot_clients(summaries, out_dir / "clients.png")
+    return table
