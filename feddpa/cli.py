@@ -117,20 +117,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method and evaluate it (writes a run directory)")
     p.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults if omitted")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set federation.rounds=5 (repeatable)")
-    p.add_argument("--run-dir", help="where to write the run (default: OUTPUT_DIR/NAME-METHOD-TIME)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last committed round")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set federation.rounds=5 (repeatable)",
+    )
+    p.add_argument(
+        "--run-dir", help="where to write the run (default: OUTPUT_DIR/NAME-METHOD-TIME)"
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a killed run from its last committed round"
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="re-evaluate a run's latest checkpoint (optionally with another weighting)")
+    p = sub.add_parser(
+        "eval", help="re-evaluate a run's latest checkpoint (optionally with another weighting)"
+    )
     p.add_argument("run_dir")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override weighting.* or eval.* keys, e.g. --set weighting.mode=sample")
-    p.add_argument("--out", help="directory for the tables and plots (default: RUN_DIR/results-eval)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override weighting.* or eval.* keys, e.g. --set weighting.mode=sample",
+    )
+    p.add_argument(
+        "--out", help="directory for the tables and plots (default: RUN_DIR/results-eval)"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="prepare or inspect per-client Parquet shards")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
-    q = dsub.add_parser("prepare", help="write client shards + manifest for a config's data section")
+    q = dsub.add_parser(
+        "prepare", help="write client shards + manifest for a config's data section"
+    )
     q.add_argument("--config")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.add_argument("--out", required=True, help="new directory for the shards")

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from feddpa.core import algorithms
-from feddpa.core.adapters import GLOBAL, LOCAL, AdapterState, adapter_state, fresh_adapter_state, load_adapter_state
+from feddpa.core.adapters import (
+    GLOBAL,
+    LOCAL,
+    AdapterState,
+    adapter_state,
+    fresh_adapter_state,
+    load_adapter_state,
+)
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import ItemScores, representation_bank, score_items
 from feddpa.core.models import TaskModel, build_task_model
@@ -91,7 +98,9 @@ class ClientHost:
     def _local(self, cid: int) -> AdapterState:
         state = self.clients[cid]
         if state.local is None:
-            state.local = fresh_adapter_state(self.model.peft, algorithms.derive_seed(self.cfg.seed, "local-init", cid))
+            state.local = fresh_adapter_state(
+                self.model.peft, algorithms.derive_seed(self.cfg.seed, "local-init", cid)
+            )
         return state.local
 
     def _load(self, global_state: AdapterState, cid: int) -> None:
@@ -103,7 +112,11 @@ class ClientHost:
         start = time.perf_counter()
         state = self.clients[cid]
         finetune = step >= self.cfg.federation.rounds
-        phases = algorithms.finetune_phases(self.cfg) if finetune else algorithms.round_phases(self.cfg, step)
+        phases = (
+            algorithms.finetune_phases(self.cfg)
+            if finetune
+            else algorithms.round_phases(self.cfg, step)
+        )
         self._load(global_state, cid)
         if finetune:  # FedDPA-F: the local adapter starts as a copy of the final global
             load_adapter_state(self.model.peft, LOCAL, global_state)
@@ -112,7 +125,13 @@ class ClientHost:
             seed = algorithms.derive_seed(self.cfg.seed, "fit", step, cid, phase.name)
             result = run_phase(self.model, state.data, phase, self.cfg.train, seed)
             losses[phase.name] = result.epoch_losses
-            log.info("round %d client %d phase %s loss %s", step, cid, phase.name, [round(x, 4) for x in result.epoch_losses])
+            log.info(
+                "round %d client %d phase %s loss %s",
+                step,
+                cid,
+                phase.name,
+                [round(x, 4) for x in result.epoch_losses],
+            )
         if any(p.adapter == LOCAL for p in phases):
             state.local = adapter_state(self.model.peft, LOCAL)
             state.bank = None
@@ -120,7 +139,11 @@ class ClientHost:
                 state.bank = representation_bank(self.model, state.data, self.cfg.eval.batch_size)
             if stage is not None:
                 self.write_client(cid, stage)
-        upload = adapter_state(self.model.peft, GLOBAL) if algorithms.uploads_global(self.cfg) and not finetune else None
+        upload = (
+            adapter_state(self.model.peft, GLOBAL)
+            if algorithms.uploads_global(self.cfg) and not finetune
+            else None
+        )
         return FitResult(cid, len(state.data), upload, losses, time.perf_counter() - start)
 
     def write_client(self, cid: int, root: Path) -> None:
@@ -131,7 +154,13 @@ class ClientHost:
         if state.bank is not None:
             save_bank(state.bank, cdir / "bank.safetensors")
 
-    def evaluate(self, cid: int, global_state: AdapterState, step: int, weighting: WeightingConfig | None = None) -> ItemScores:
+    def evaluate(
+        self,
+        cid: int,
+        global_state: AdapterState,
+        step: int,
+        weighting: WeightingConfig | None = None,
+    ) -> ItemScores:
         """Per-item test scores of client `cid` under its instance-wise weighting."""
         weighting = weighting or self.weighting
         self._load(global_state, cid)
@@ -149,4 +178,6 @@ class ClientHost:
         return score_items(self.model, self.test, only, None, 0, self.cfg.eval.batch_size)
 
     def initial_global(self) -> AdapterState:
-        return fresh_adapter_state(self.model.peft, algorithms.derive_seed(self.cfg.seed, "global-init"))
+        return fresh_adapter_state(
+            self.model.peft, algorithms.derive_seed(self.cfg.seed, "global-init")
+        )

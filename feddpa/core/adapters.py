@@ -65,7 +65,7 @@ def attach_dual_adapters(model: nn.Module, config: LoraConfig) -> PeftModel:
     """Wrap `model` with the two named adapters (same LoRA config), both active."""
     peft_model = get_peft_model(model, config, adapter_name=GLOBAL)
     peft_model.add_adapter(LOCAL, config)
-    peft_model.base_model.set_adapter(list(ADAPTERS))
+    peft_model.base_model.set_adapter(list(ADAPTERS))  # type: ignore[operator]
     set_trainable(peft_model, None)
     return peft_model
 
@@ -89,6 +89,7 @@ def mixed(model: nn.Module, mix: Mix) -> Iterator[None]:
     """Run the block with adapter scalings s·w_g and s·w_l; restores the plain scalings after."""
     for layer in lora_layers(model):
         ref = layer.lora_A[GLOBAL].weight
+        assert isinstance(ref, torch.Tensor)
         layer.scaling[GLOBAL] = _base_scale(layer, GLOBAL) * _layer_weight(mix.global_w, ref)
         layer.scaling[LOCAL] = _base_scale(layer, LOCAL) * _layer_weight(mix.local_w, ref)
     try:
@@ -125,13 +126,13 @@ def training(model: nn.Module, adapter: str) -> Iterator[list[nn.Parameter]]:
         model.eval()
 
 
-def adapter_state(model: PeftModel, name: str) -> AdapterState:
+def adapter_state(model: nn.Module, name: str) -> AdapterState:
     """The adapter's weights in stock PEFT key format (no adapter name in the keys), cloned."""
     state = get_peft_model_state_dict(model, adapter_name=name)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def load_adapter_state(model: PeftModel, name: str, state: AdapterState) -> None:
+def load_adapter_state(model: nn.Module, name: str, state: AdapterState) -> None:
     """Copy `state` (PEFT key format) into the adapter `name` in place."""
     params = dict(model.named_parameters())
     suffix = f".{name}.weight"
@@ -145,10 +146,12 @@ def load_adapter_state(model: PeftModel, name: str, state: AdapterState) -> None
         loaded += 1
     expected = sum(1 for k in params if k.endswith(suffix) and "lora_" in k)
     if loaded != expected:
-        raise KeyError(f"adapter state has {loaded} tensors, the model's {name!r} adapter {expected}")
+        raise KeyError(
+            f"adapter state has {loaded} tensors, the model's {name!r} adapter {expected}"
+        )
 
 
-def fresh_adapter_state(model: PeftModel, seed: int) -> AdapterState:
+def fresh_adapter_state(model: nn.Module, seed: int) -> AdapterState:
     """A new adapter as peft initialises one (A kaiming-uniform, B zero), seeded, model-independent."""
     gen = torch.Generator().manual_seed(seed)
     out: AdapterState = {}

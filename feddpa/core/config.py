@@ -53,7 +53,9 @@ class DataConfig(_Frozen):
     @model_validator(mode="after")
     def _source_fields(self) -> DataConfig:
         if self.source == "feddpa" and not self.path:
-            raise ValueError("data.path must name the dataset directory when data.source is 'feddpa'")
+            raise ValueError(
+                "data.path must name the dataset directory when data.source is 'feddpa'"
+            )
         if self.source == "files" and not (self.train_files and self.test_file):
             raise ValueError("data.train_files and data.test_file are required for source 'files'")
         if self.partition != "task" and self.num_clients is None:
@@ -109,13 +111,13 @@ class ExperimentConfig(_Frozen):
     method: Method = "feddpa_t"
     output_dir: str = "runs"
     keep_checkpoints: int = Field(2, ge=1)
-    model: ModelConfig = ModelConfig()
-    lora: LoraSettings = LoraSettings()
-    data: DataConfig = DataConfig()
-    federation: FederationConfig = FederationConfig()
-    train: TrainConfig = TrainConfig()
-    weighting: WeightingConfig = WeightingConfig()
-    eval: EvalConfig = EvalConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -39,10 +39,10 @@ def keep_tasks(data: FederatedData, tasks: tuple[str, ...] | None) -> FederatedD
         return data
     unknown = sorted(set(tasks) - set(data.tasks))
     if unknown:
-        raise DataError(f"data.tasks names {unknown}, not in {data.source}; known: {list(data.tasks)}")
-    clients = tuple(
-        kept for c in data.clients if (kept := tuple(e for e in c if e.task in tasks))
-    )
+        raise DataError(
+            f"data.tasks names {unknown}, not in {data.source}; known: {list(data.tasks)}"
+        )
+    clients = tuple(kept for c in data.clients if (kept := tuple(e for e in c if e.task in tasks)))
     return FederatedData(clients, tuple(e for e in data.test if e.task in tasks), data.source)
 
 
@@ -90,7 +90,9 @@ def prepare_shards(
     clients = partition(data, cfg)
     test = list(data.test)
     if cfg.holdout_fraction > 0:
-        splits = [split_holdout(c, cfg.holdout_fraction, cfg.seed + i) for i, c in enumerate(clients)]
+        splits = [
+            split_holdout(c, cfg.holdout_fraction, cfg.seed + i) for i, c in enumerate(clients)
+        ]
         clients = [train for train, _ in splits]
         test = [ex for _, held in splits for ex in held]
     return write_shards(clients, cap_per_task(test, max_test_per_task), out_dir)

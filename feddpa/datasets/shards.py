@@ -93,6 +93,10 @@ class Manifest:
     def num_clients(self) -> int:
         return len(self.clients)
 
+    @property
+    def client_ids(self) -> list[int]:
+        return list(range(len(self.clients)))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,

@@ -20,7 +20,13 @@ from pathlib import Path
 from peft import LoraConfig
 
 from feddpa.core.adapters import AdapterState
-from feddpa.core.storage import atomic_write_bytes, atomic_write_json, fsync_dir, load_adapter, save_adapter
+from feddpa.core.storage import (
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    load_adapter,
+    save_adapter,
+)
 
 LATEST = "LATEST"
 

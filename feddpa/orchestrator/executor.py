@@ -22,7 +22,11 @@ class Executor(Protocol):
     ) -> Iterator[FitResult]: ...
 
     def evaluate(
-        self, step: int, client_ids: list[int], global_state: AdapterState, weighting: WeightingConfig
+        self,
+        step: int,
+        client_ids: list[int],
+        global_state: AdapterState,
+        weighting: WeightingConfig,
     ) -> Iterator[tuple[int, ItemScores]]: ...
 
     def evaluate_global(self, global_state: AdapterState) -> ItemScores: ...

@@ -55,15 +55,15 @@ def evaluate(
     executor: Executor, cfg: ExperimentConfig, manifest: Manifest, test, step: int, global_state
 ) -> dict:
     weighting = step_weighting(cfg, step)
-    ids = [c.client_id for c in manifest.clients]
+    ids = manifest.client_ids
     if weighting.mode == "global_only":  # one evaluation serves every client
         shared = executor.evaluate_global(global_state)
         items: dict[int, ItemScores] = dict.fromkeys(ids, shared)
     else:
         items = dict(executor.evaluate(step, ids, global_state, weighting))
     clients = {
-        str(c.client_id): {"tasks": sorted(c.tasks), **summarize(test, items[c.client_id], set(c.tasks))}
-        for c in manifest.clients
+        str(cid): {"tasks": sorted(c.tasks), **summarize(test, items[cid], set(c.tasks))}
+        for cid, c in zip(ids, manifest.clients, strict=True)
     }
     avg = {k: sum(v[k] for v in clients.values()) / len(clients) for k in ("P", "TTP")}
     return {"weighting": weighting.mode, "avg": avg, "clients": clients}
@@ -106,17 +106,32 @@ def train(
         cfg.data, data_dir, model_kind=cfg.model.kind, max_test_per_task=cfg.eval.max_test_per_task
     )
     test = read_test(str(data_dir), manifest)
-    client_ids = [c.client_id for c in manifest.clients]
+    client_ids = manifest.client_ids
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
     latest = ckpts.latest()
     executor = make_executor(cfg, str(data_dir), client_ids, latest)
     try:
         start = ckpts.state(latest)["completed_steps"] if latest else 0
         global_state = ckpts.global_state(latest) if latest else executor.initial_global()
-        log.info("run %s: method %s, %d clients, steps %d..%d", run_dir, cfg.method, len(client_ids), start, total_steps(cfg) - 1)
+        log.info(
+            "run %s: method %s, %d clients, steps %d..%d",
+            run_dir,
+            cfg.method,
+            len(client_ids),
+            start,
+            total_steps(cfg) - 1,
+        )
         final: dict = {}
-        for step in tqdm(range(start, total_steps(cfg)), desc="rounds", unit="round", initial=start, total=total_steps(cfg)):
-            global_state, final = run_step(cfg, step, executor, ckpts, manifest, test, global_state, run_dir)
+        for step in tqdm(
+            range(start, total_steps(cfg)),
+            desc="rounds",
+            unit="round",
+            initial=start,
+            total=total_steps(cfg),
+        ):
+            global_state, final = run_step(
+                cfg, step, executor, ckpts, manifest, test, global_state, run_dir
+            )
         if not final and latest is not None:
             final = json.loads((latest / "metrics.json").read_text()).get("eval", {})
         return final
@@ -135,7 +150,7 @@ def run_step(
     run_dir: Path,
 ) -> tuple[AdapterState, dict]:
     t0 = time.perf_counter()
-    ids = [c.client_id for c in manifest.clients]
+    ids = manifest.client_ids
     finetune = step >= cfg.federation.rounds
     sampled = ids if finetune else sample_clients(ids, cfg.federation, cfg.seed, step)
     fit_ids = [-1] if cfg.method == "centralized" and not finetune else sampled
@@ -152,28 +167,33 @@ def run_step(
     if avg.count:
         global_state = avg.result()
     t_agg = time.perf_counter()
-    evaluation = evaluate(executor, cfg, manifest, test, step, global_state) if eval_due(cfg, step) else {}
+    evaluation = (
+        evaluate(executor, cfg, manifest, test, step, global_state) if eval_due(cfg, step) else {}
+    )
     t_eval = time.perf_counter()
+    timing: dict[str, float] = {
+        "fit_s": t_fit - t0,
+        "client_compute_s": compute,
+        "aggregate_s": t_agg - t_fit,
+        "eval_s": t_eval - t_agg,
+    }
     record = {
         "round": step,
         "phase": "finetune" if finetune else "round",
         "sampled": sampled,
         "losses": losses,
         "bytes_up": bytes_up,
-        "timing": {
-            "fit_s": t_fit - t0,
-            "client_compute_s": compute,
-            "aggregate_s": t_agg - t_fit,
-            "eval_s": t_eval - t_agg,
-        },
+        "timing": timing,
         "eval": evaluation,
     }
     state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled}
     ckpts.commit(step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record)
-    record["timing"]["checkpoint_s"] = time.perf_counter() - t_eval
+    timing["checkpoint_s"] = time.perf_counter() - t_eval
     append_metrics(run_dir, record, step)
     if evaluation:
-        log.info("round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"])
+        log.info(
+            "round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"]
+        )
     return global_state, evaluation
 
 

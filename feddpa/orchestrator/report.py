@@ -36,9 +36,19 @@ def table_rows(summaries: dict[str, Summary]) -> list[dict]:
     rows = []
     for method, s in summaries.items():
         for cid, c in s["final"]["clients"].items():
-            rows.append({"method": method, "client": cid, "tasks": "+".join(c["tasks"]), "P": c["P"], "TTP": c["TTP"]})
+            rows.append(
+                {
+                    "method": method,
+                    "client": cid,
+                    "tasks": "+".join(c["tasks"]),
+                    "P": c["P"],
+                    "TTP": c["TTP"],
+                }
+            )
         avg = s["final"]["avg"]
-        rows.append({"method": method, "client": "average", "tasks": "", "P": avg["P"], "TTP": avg["TTP"]})
+        rows.append(
+            {"method": method, "client": "average", "tasks": "", "P": avg["P"], "TTP": avg["TTP"]}
+        )
     return rows
 
 
@@ -102,7 +112,9 @@ def write_report(summaries: dict[str, Summary], out_dir: Path, title: str) -> st
     """Write results.md, results.csv, curves.png and clients.png; return the Markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summaries)
-    (out_dir / "results.md").write_text(f"# {title}\n\nScores in %. P: own task(s); TTP: all tasks.\n\n{table}")
+    (out_dir / "results.md").write_text(
+        f"# {title}\n\nScores in %. P: own task(s); TTP: all tasks.\n\n{table}"
+    )
     with open(out_dir / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["method", "client", "tasks", "P", "TTP"])
         writer.writeheader()

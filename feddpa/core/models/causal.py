@@ -86,14 +86,18 @@ class CausalLMModel:
             return self.peft(**batch).loss
 
     def _prompt_batch(self, texts: list[str]) -> dict:
-        return self._pad([self._ids(t, special=True)[-self.max_length :] for t in texts], None, True)
+        return self._pad(
+            [self._ids(t, special=True)[-self.max_length :] for t in texts], None, True
+        )
 
     @torch.no_grad()
     def represent(self, texts: list[str]) -> torch.Tensor:
         batch = self._prompt_batch(texts)
         with mixed(self.peft, LOCAL_ONLY):
             out = self.peft(**batch, output_hidden_states=True)
-        return out.hidden_states[-1][:, -1, :].float().cpu()  # left padding: last = last prompt token
+        return (
+            out.hidden_states[-1][:, -1, :].float().cpu()
+        )  # left padding: last = last prompt token
 
     @torch.no_grad()
     def generate(self, examples: list[Example], mix: Mix) -> list[str]:
@@ -123,7 +127,9 @@ class CausalLMModel:
                 owners.append(i)
         batch = self._pad(seqs, labels, left=False)
         with mixed(self.peft, mix.rows(torch.tensor(owners))):
-            logits = self.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.peft(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         target = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         keep = target != IGNORE
@@ -135,16 +141,25 @@ class CausalLMModel:
     def score(self, examples: list[Example], mix: Mix) -> tuple[list[float], list[str]]:
         scores: list[float] = [0.0] * len(examples)
         preds: list[str] = [""] * len(examples)
-        by_options = [i for i, e in enumerate(examples) if e.options and self.eval_cfg.causal == "auto"]
+        by_options = [
+            i for i, e in enumerate(examples) if e.options and self.eval_cfg.causal == "auto"
+        ]
         free = [i for i in range(len(examples)) if i not in set(by_options)]
         if by_options:
             sub = [examples[i] for i in by_options]
-            for i, ex, ll in zip(by_options, sub, self.option_loglik(sub, mix.rows(torch.tensor(by_options))), strict=True):
+            for i, ex, ll in zip(
+                by_options,
+                sub,
+                self.option_loglik(sub, mix.rows(torch.tensor(by_options))),
+                strict=True,
+            ):
                 preds[i] = ex.options[int(ll.argmax())]
                 scores[i] = float(preds[i] == ex.output)
         if free:
             sub = [examples[i] for i in free]
-            for i, ex, text in zip(free, sub, self.generate(sub, mix.rows(torch.tensor(free))), strict=True):
+            for i, ex, text in zip(
+                free, sub, self.generate(sub, mix.rows(torch.tensor(free))), strict=True
+            ):
                 preds[i] = text
                 scores[i] = self.rouge.score(ex.output, text)["rouge1"].fmeasure
         return scores, preds

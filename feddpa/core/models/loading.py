@@ -48,7 +48,9 @@ def torch_dtype(cfg: ModelConfig) -> torch.dtype:
     ]
 
 
-def lora_config(model: ModelConfig, lora: LoraSettings, model_type: str | None = None) -> LoraConfig:
+def lora_config(
+    model: ModelConfig, lora: LoraSettings, model_type: str | None = None
+) -> LoraConfig:
     """The LoRA config both adapters use; `model_type` is read from the model's config if absent."""
     if model_type is None:
         from transformers import AutoConfig

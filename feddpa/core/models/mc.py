@@ -41,7 +41,9 @@ def option_rows(examples: list[Example], mix: Mix) -> OptionRows:
     for i, ex in enumerate(examples):
         options = ex.options
         if not options:
-            raise ValueError(f"task {ex.task!r}: item has no OPTIONS block: {ex.instruction[:60]!r}")
+            raise ValueError(
+                f"task {ex.task!r}: item has no OPTIONS block: {ex.instruction[:60]!r}"
+            )
         ids = []
         for opt in options:
             key = (opt, float(wg[i]), float(wl[i]))
