@@ -64,7 +64,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     setup_logging(run_dir, args.verbose)
     start = time.perf_counter()
-    train(cfg, run_dir, InProcessExecutor, resume=bool(args.resume))
+    if args.ray:
+        from feddpa.orchestrator.driver import train_on_ray
+
+        if not args.resume:
+            cfg = cfg.with_absolute_paths()
+        train_on_ray(cfg, run_dir, resume=bool(args.resume), address=args.ray)
+    else:
+        train(cfg, run_dir, InProcessExecutor, resume=bool(args.resume))
     print_results(run_dir, cfg.method)
     print(f"run directory: {run_dir} ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -129,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a killed run from its last committed round"
+    )
+    p.add_argument(
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="run clients in Ray actors: 'local' starts Ray on 127.0.0.1, 'auto' or an address "
+        "joins a running cluster (default: every client in this process)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -16,9 +16,8 @@ import pytest  # noqa: E402
 from feddpa.core.config import ExperimentConfig, build_config  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama with MiniLM's WordPiece tokenizer, saved with `save_pretrained`."""
+def save_tiny_llama(path: Path) -> Path:
+    """Write a 2-layer Llama with MiniLM's WordPiece tokenizer into `path` (`save_pretrained`)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -42,10 +41,14 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,13 @@ from feddpa.core.evaluation import ItemScores, representation_bank, score_items
 from feddpa.core.models import TaskModel, build_task_model
 from feddpa.core.models.loading import lora_config
 from feddpa.core.records import Example
-from feddpa.core.storage import load_adapter, load_bank, save_adapter, save_bank
+from feddpa.core.storage import (
+    latest_checkpoint,
+    load_adapter,
+    load_bank,
+    save_adapter,
+    save_bank,
+)
 from feddpa.core.training import run_phase
 from feddpa.core.weighting import needs_bank
 from feddpa.datasets import read_manifest, read_shard, read_test
@@ -60,8 +66,17 @@ class FitResult:
 
 
 class ClientHost:
-    def __init__(self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int]) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        data_dir: str,
+        client_ids: list[int],
+        checkpoints: Path | None = None,
+    ) -> None:
+        """`checkpoints`: the run's checkpoints/ dir; owned clients are restored from its latest
+        committed round at the first call (after a resume or an actor restart)."""
         self.cfg = cfg
+        self._restore_from = checkpoints
         self.manifest = read_manifest(data_dir)
         self.data_dir = data_dir
         self.model: TaskModel = build_task_model(cfg.model, cfg.lora, cfg.eval)
@@ -86,8 +101,15 @@ class ClientHost:
             self._test = read_test(self.data_dir, self.manifest)
         return self._test
 
+    def _restore_once(self) -> None:
+        root, self._restore_from = self._restore_from, None
+        latest = latest_checkpoint(root) if root is not None else None
+        if latest is not None:
+            self.restore(latest)
+
     def restore(self, checkpoint: Path) -> None:
         """Load every owned client's local adapter and bank from a committed round."""
+        log.info("restoring %d clients from %s", len(self.clients), checkpoint)
         for cid, state in self.clients.items():
             cdir = client_dir(checkpoint, cid)
             if (cdir / "local").is_dir():
@@ -110,6 +132,7 @@ class ClientHost:
     def fit(self, cid: int, step: int, global_state: AdapterState, stage: Path | None) -> FitResult:
         """Run the method's phases of `step` for client `cid`; stage its changed local files."""
         start = time.perf_counter()
+        self._restore_once()
         state = self.clients[cid]
         finetune = step >= self.cfg.federation.rounds
         phases = (
@@ -163,6 +186,7 @@ class ClientHost:
     ) -> ItemScores:
         """Per-item test scores of client `cid` under its instance-wise weighting."""
         weighting = weighting or self.weighting
+        self._restore_once()
         self._load(global_state, cid)
         bank = self.clients[cid].bank
         if needs_bank(weighting) and bank is None:

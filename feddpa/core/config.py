@@ -105,6 +105,15 @@ class EvalConfig(_Frozen):
     max_new_tokens: int = Field(80, ge=1)
 
 
+class RayConfig(_Frozen):
+    num_actors: int = Field(0, ge=0, description="client actors; 0 = from the cluster's resources")
+    cpus_per_actor: float = Field(0.5, gt=0, description="fractional CPUs per client actor")
+    gpus_per_actor: float = Field(0.0, ge=0, description="fractional GPUs per client actor")
+    max_restarts: int = Field(3, ge=0, description="restarts of a crashed client actor")
+    round_timeout_s: float = Field(3600.0, gt=0, description="a round closes with the survivors")
+    driver_cpus: float = Field(0.1, gt=0)
+
+
 class ExperimentConfig(_Frozen):
     name: str = "feddpa"
     seed: int = 0
@@ -118,9 +127,28 @@ class ExperimentConfig(_Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def with_absolute_paths(self) -> ExperimentConfig:
+        """File paths resolved against the current directory (actors may run elsewhere)."""
+
+        def absolute(p: str | None) -> str | None:
+            return str(Path(p).expanduser().resolve()) if p else p
+
+        data = self.data.model_copy(
+            update={
+                "path": absolute(self.data.path),
+                "test_file": absolute(self.data.test_file),
+                "train_files": tuple(str(absolute(p)) for p in self.data.train_files),
+            }
+        )
+        model = self.model
+        if model.path != "minilm":
+            model = model.model_copy(update={"path": absolute(model.path)})
+        return self.model_copy(update={"data": data, "model": model})
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,8 @@ rounding of the final average (the Ray driver folds updates in completion order)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 State = dict[str, torch.Tensor]
@@ -24,11 +26,17 @@ class RunningAverage:
         self.count = 0
 
     def add(self, state: State, weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"FedAvg weight must be positive, got {weight}")
+        if not (weight > 0 and math.isfinite(weight)):  # also rejects NaN
+            raise ValueError(f"FedAvg weight must be positive and finite, got {weight}")
         if self._sum and state.keys() != self._sum.keys():
             missing = sorted(set(self._sum) ^ set(state))[:3]
             raise ValueError(f"update does not match earlier updates' tensors (e.g. {missing})")
+        # checked before folding: `+=` would silently broadcast e.g. an r=1 tensor into r=8
+        reshaped = [k for k, v in state.items() if k in self._sum and v.shape != self._sum[k].shape]
+        if reshaped:
+            raise ValueError(
+                f"update tensor {reshaped[0]!r} has a different shape than earlier updates"
+            )
         for key, value in state.items():
             term = value.detach().to(torch.float64) * weight
             if key in self._sum:

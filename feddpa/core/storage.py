@@ -68,3 +68,17 @@ def save_bank(bank: torch.Tensor, path: Path) -> None:
 
 def load_bank(path: Path) -> torch.Tensor:
     return load_file(str(path))["bank"]
+
+
+LATEST = "LATEST"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest committed round directory under a run's checkpoints/, or None."""
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    path = root / marker.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{marker} names {path.name}, which has no state.json")
+    return path

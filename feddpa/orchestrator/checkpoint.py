@@ -21,14 +21,14 @@ from peft import LoraConfig
 
 from feddpa.core.adapters import AdapterState
 from feddpa.core.storage import (
+    LATEST,
     atomic_write_bytes,
     atomic_write_json,
     fsync_dir,
+    latest_checkpoint,
     load_adapter,
     save_adapter,
 )
-
-LATEST = "LATEST"
 
 
 def round_name(step: int) -> str:
@@ -62,13 +62,7 @@ class Checkpoints:
         root.mkdir(parents=True, exist_ok=True)
 
     def latest(self) -> Path | None:
-        marker = self.root / LATEST
-        if not marker.is_file():
-            return None
-        path = self.root / marker.read_text().strip()
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"{marker} names {path.name}, which has no state.json")
-        return path
+        return latest_checkpoint(self.root)
 
     def state(self, path: Path) -> dict:
         return json.loads((path / "state.json").read_text())

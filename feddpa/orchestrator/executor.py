@@ -33,6 +33,8 @@ class Executor(Protocol):
 
     def initial_global(self) -> AdapterState: ...
 
+    def take_failures(self) -> list[dict]: ...
+
     def close(self) -> None: ...
 
 
@@ -43,11 +45,9 @@ def hosted_ids(cfg: ExperimentConfig, client_ids: list[int]) -> list[int]:
 
 class InProcessExecutor:
     def __init__(
-        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], restore: Path | None
+        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], checkpoints: Path
     ) -> None:
-        self.host = ClientHost(cfg, data_dir, hosted_ids(cfg, client_ids))
-        if restore is not None:
-            self.host.restore(restore)
+        self.host = ClientHost(cfg, data_dir, hosted_ids(cfg, client_ids), checkpoints)
 
     def fit(self, step, client_ids, global_state, stage):
         for cid in tqdm(client_ids, desc=f"round {step} clients", leave=False, unit="client"):
@@ -62,6 +62,9 @@ class InProcessExecutor:
 
     def initial_global(self):
         return self.host.initial_global()
+
+    def take_failures(self) -> list[dict]:
+        return []  # in process, a failing client raises
 
     def close(self) -> None:
         return None

@@ -32,7 +32,7 @@ from feddpa.orchestrator.sampling import sample_clients
 
 log = logging.getLogger(__name__)
 
-ExecutorFactory = Callable[[ExperimentConfig, str, list[int], Path | None], Executor]
+ExecutorFactory = Callable[[ExperimentConfig, str, list[int], Path], Executor]
 
 
 def total_steps(cfg: ExperimentConfig) -> int:
@@ -64,6 +64,7 @@ def evaluate(
     clients = {
         str(cid): {"tasks": sorted(c.tasks), **summarize(test, items[cid], set(c.tasks))}
         for cid, c in zip(ids, manifest.clients, strict=True)
+        if cid in items  # a client whose actor failed during evaluation is left out
     }
     avg = {k: sum(v[k] for v in clients.values()) / len(clients) for k in ("P", "TTP")}
     return {"weighting": weighting.mode, "avg": avg, "clients": clients}
@@ -109,7 +110,7 @@ def train(
     client_ids = manifest.client_ids
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
     latest = ckpts.latest()
-    executor = make_executor(cfg, str(data_dir), client_ids, latest)
+    executor = make_executor(cfg, str(data_dir), client_ids, ckpts.root)
     try:
         start = ckpts.state(latest)["completed_steps"] if latest else 0
         global_state = ckpts.global_state(latest) if latest else executor.initial_global()
@@ -164,6 +165,12 @@ def run_step(
             avg.add(res.global_state, res.num_examples)
             bytes_up += sum(t.numel() * t.element_size() for t in res.global_state.values())
     t_fit = time.perf_counter()
+    failures = executor.take_failures()
+    if len(losses) < min(cfg.federation.min_fit_clients, len(fit_ids)):
+        raise RuntimeError(
+            f"round {step}: only {len(losses)} of {len(fit_ids)} clients reported, fewer than "
+            f"federation.min_fit_clients={cfg.federation.min_fit_clients}; failures: {failures}"
+        )
     if avg.count:
         global_state = avg.result()
     t_agg = time.perf_counter()
@@ -185,6 +192,7 @@ def run_step(
         "bytes_up": bytes_up,
         "timing": timing,
         "eval": evaluation,
+        "failures": failures + executor.take_failures(),
     }
     state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled}
     ckpts.commit(step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record)

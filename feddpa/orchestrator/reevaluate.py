@@ -26,7 +26,7 @@ def reevaluate(run_dir: Path, overrides: list[str], out: Path | None) -> str:
         raise FileNotFoundError(f"{run_dir} has no committed round to evaluate")
     step = ckpts.state(latest)["completed_steps"] - 1
     manifest = run_manifest(run_dir)
-    executor = InProcessExecutor(cfg, str(run_dir / "data"), manifest.client_ids, latest)
+    executor = InProcessExecutor(cfg, str(run_dir / "data"), manifest.client_ids, ckpts.root)
     from feddpa.datasets import read_test
 
     test = read_test(str(run_dir / "data"), manifest)

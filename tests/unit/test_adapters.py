@@ -59,6 +59,15 @@ def randomize(model: PeftModel, seed: int = 1) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: extra OpenMP threads only spin on this shared 2-core box (100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def base() -> BertModel:
     return tiny_bert()

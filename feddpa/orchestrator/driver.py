@@ -1,0 +1,89 @@
+"""The driver actor: one per run, it owns the round loop (sampling, dispatch, streaming FedAvg,
+evaluation, commits) and the client actors. The CLI process only starts it and shows progress."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from feddpa.core.config import ExperimentConfig
+from feddpa.orchestrator.loop import resumed_config, total_steps, train
+from feddpa.orchestrator.ray_executor import RayExecutor
+
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",
+}
+
+
+def init_ray(address: str, num_cpus: int | None = None) -> None:
+    """`local`: a fresh single-node Ray bound to 127.0.0.1; `auto` / ADDRESS: join a cluster."""
+    for key in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        os.environ.setdefault(key, RAY_ENV[key])
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": RAY_ENV}
+    if address == "local":
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=address, runtime_env=runtime_env)
+
+
+class Driver:
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, resume: bool) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.executor: RayExecutor | None = None
+
+    def _make_executor(self, cfg, data_dir, client_ids, checkpoints) -> RayExecutor:
+        self.executor = RayExecutor(cfg, data_dir, client_ids, checkpoints)
+        return self.executor
+
+    def run(self) -> dict:
+        return train(self.cfg, self.run_dir, self._make_executor, resume=self.resume)
+
+    def progress(self) -> dict:
+        return dict(self.executor.progress) if self.executor else {"step": -1}
+
+
+def train_on_ray(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, address: str) -> dict:
+    """Start the driver actor for this run and follow it with a progress bar."""
+    init_ray(address)
+    if resume:
+        cfg = resumed_config(run_dir)
+    driver_cls = ray.remote(num_cpus=cfg.ray.driver_cpus, max_concurrency=2)(Driver)  # type: ignore[call-overload]
+    driver = driver_cls.remote(cfg, str(run_dir.resolve()), resume)
+    ref = driver.run.remote()
+    steps = total_steps(cfg)
+    with tqdm(total=steps, desc="rounds", unit="round") as bar:
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.5)
+            p = ray.get(driver.progress.remote())
+            if p.get("step", -1) >= 0:
+                bar.n = p["step"]
+                bar.set_postfix_str(f"clients {p['done']}/{p['sampled']} failed {p['failed']}")
+                bar.refresh()
+            if ready:
+                bar.n = steps
+                bar.refresh()
+                break
+            time.sleep(0.5)
+    result = ray.get(ref)
+    ray.kill(driver)
+    return result

@@ -1,0 +1,111 @@
+"""Client work over Ray actors: clients are spread over `num_actors` actors (each loads the base
+model once); per round the global adapter is put in the object store once, every sampled client's
+`fit` is submitted to its actor, and results are yielded as they complete (`ray.wait`), so the
+driver folds them into the running FedAvg with memory independent of the number of clients.
+A client whose actor dies, or that misses the round timeout, is reported as failed."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from feddpa.actors.host import FitResult
+from feddpa.actors.ray_actor import client_actor_class
+from feddpa.core.config import ExperimentConfig
+from feddpa.core.evaluation import ItemScores
+from feddpa.orchestrator.executor import hosted_ids
+
+log = logging.getLogger(__name__)
+
+
+def actor_count(cfg: ExperimentConfig, num_clients: int) -> int:
+    if cfg.ray.num_actors:
+        return min(cfg.ray.num_actors, num_clients)
+    cpus = ray.available_resources().get("CPU", 1.0) - cfg.ray.driver_cpus
+    by_cpu = max(1, math.floor(cpus / cfg.ray.cpus_per_actor))
+    if cfg.ray.gpus_per_actor:
+        gpus = ray.available_resources().get("GPU", 0.0)
+        by_cpu = min(by_cpu, max(1, math.floor(gpus / cfg.ray.gpus_per_actor)))
+    return max(1, min(num_clients, by_cpu))
+
+
+def assign(client_ids: list[int], n_actors: int) -> list[list[int]]:
+    """Contiguous near-equal blocks of clients per actor."""
+    per = math.ceil(len(client_ids) / n_actors)
+    return [client_ids[i : i + per] for i in range(0, len(client_ids), per)]
+
+
+class RayExecutor:
+    def __init__(
+        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], checkpoints: Path
+    ) -> None:
+        self.cfg = cfg
+        ids = hosted_ids(cfg, client_ids)
+        actor_cls = client_actor_class(cfg)
+        self.blocks = assign(ids, actor_count(cfg, len(ids)))
+        self.actors = [
+            actor_cls.remote(cfg, data_dir, block, str(checkpoints)) for block in self.blocks
+        ]
+        self.owner = {cid: self.actors[i] for i, block in enumerate(self.blocks) for cid in block}
+        self.failures: list[dict] = []
+        self.progress = {"step": -1, "done": 0, "sampled": 0, "failed": 0}
+        log.info("%d client actors for %d clients", len(self.actors), len(ids))
+
+    def _gather(self, pending: dict, step: int, what: str) -> Iterator:
+        deadline = time.monotonic() + self.cfg.ray.round_timeout_s
+        self.progress.update(step=step, done=0, sampled=len(pending), failed=0)
+        while pending:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0))
+            if not ready:
+                for ref, cid in pending.items():
+                    ray.cancel(ref)
+                    self._fail(step, cid, what, "round timeout")
+                return
+            ref = ready[0]
+            cid = pending.pop(ref)
+            try:
+                yield ray.get(ref)
+                self.progress["done"] += 1
+            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+                self._fail(step, cid, what, f"{type(err).__name__}: {str(err).splitlines()[0]}")
+
+    def _fail(self, step: int, cid: int, what: str, why: str) -> None:
+        log.warning("round %d client %d %s failed: %s", step, cid, what, why)
+        self.failures.append({"round": step, "client": cid, "call": what, "error": why})
+        self.progress["failed"] += 1
+
+    def fit(self, step, client_ids, global_state, stage) -> Iterator[FitResult]:
+        ref = ray.put(global_state)
+        pending = {self.owner[c].fit.remote(c, step, ref, str(stage)): c for c in client_ids}
+        yield from self._gather(pending, step, "fit")
+
+    def evaluate(
+        self, step, client_ids, global_state, weighting
+    ) -> Iterator[tuple[int, ItemScores]]:
+        ref = ray.put(global_state)
+        pending = {self.owner[c].evaluate.remote(c, ref, step, weighting): c for c in client_ids}
+        yield from self._gather(pending, step, "evaluate")
+
+    def evaluate_global(self, global_state) -> ItemScores:
+        return ray.get(self.actors[0].evaluate_global.remote(global_state))
+
+    def initial_global(self):
+        return ray.get(self.actors[0].initial_global.remote())
+
+    def stats(self) -> list[dict]:
+        return ray.get([a.stats.remote() for a in self.actors])
+
+    def take_failures(self) -> list[dict]:
+        out, self.failures = self.failures, []
+        return out
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
