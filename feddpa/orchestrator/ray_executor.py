@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from feddpa.actors.host import FitResult
 from feddpa.actors.ray_actor import client_actor_class
@@ -54,6 +54,7 @@ class RayExecutor:
         ]
         self.owner = {cid: self.actors[i] for i, block in enumerate(self.blocks) for cid in block}
         self.failures: list[dict] = []
+        self.suspects: set[int] = set()  # actors that failed a call: maybe restarting
         self.progress = {"step": -1, "done": 0, "sampled": 0, "failed": 0}
         log.info("%d client actors for %d clients", len(self.actors), len(ids))
 
@@ -76,12 +77,31 @@ class RayExecutor:
             except (RayActorError, RayTaskError, GetTimeoutError) as err:
                 self._fail(step, cid, what, f"{type(err).__name__}: {str(err).splitlines()[0]}")
 
+    def _await_restarts(self) -> None:
+        """Before dispatching, wait (bounded by the round timeout) for crashed actors to restart."""
+        deadline = time.monotonic() + self.cfg.ray.round_timeout_s
+        for idx in sorted(self.suspects):
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(
+                        self.actors[idx].stats.remote(), timeout=max(deadline - time.monotonic(), 1)
+                    )
+                    break
+                except ActorDiedError:
+                    log.error("client actor %d is dead (max_restarts exhausted)", idx)
+                    break
+                except (RayActorError, GetTimeoutError):
+                    time.sleep(0.5)
+        self.suspects.clear()
+
     def _fail(self, step: int, cid: int, what: str, why: str) -> None:
+        self.suspects.add(self.actors.index(self.owner[cid]))
         log.warning("round %d client %d %s failed: %s", step, cid, what, why)
         self.failures.append({"round": step, "client": cid, "call": what, "error": why})
         self.progress["failed"] += 1
 
     def fit(self, step, client_ids, global_state, stage) -> Iterator[FitResult]:
+        self._await_restarts()
         ref = ray.put(global_state)
         pending = {self.owner[c].fit.remote(c, step, ref, str(stage)): c for c in client_ids}
         yield from self._gather(pending, step, "fit")
@@ -89,11 +109,13 @@ class RayExecutor:
     def evaluate(
         self, step, client_ids, global_state, weighting
     ) -> Iterator[tuple[int, ItemScores]]:
+        self._await_restarts()
         ref = ray.put(global_state)
         pending = {self.owner[c].evaluate.remote(c, ref, step, weighting): c for c in client_ids}
         yield from self._gather(pending, step, "evaluate")
 
     def evaluate_global(self, global_state) -> ItemScores:
+        self._await_restarts()
         return ray.get(self.actors[0].evaluate_global.remote(global_state))
 
     def initial_global(self):

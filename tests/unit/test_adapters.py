@@ -256,7 +256,9 @@ def test_global_path_carries_no_gradient_when_training_local(model, ids):
     # the global adapters' outputs in this forward, as plain constants
     captured: list[torch.Tensor] = []
     globals_b = [layer.lora_B[GLOBAL] for layer in lora_layers(model)]
-    hooks = [b.register_forward_hook(lambda _m, _i, o: captured.append(o.detach())) for b in globals_b]
+    hooks = [
+        b.register_forward_hook(lambda _m, _i, o: captured.append(o.detach())) for b in globals_b
+    ]
     with torch.no_grad(), mixed(model, Mix(0.5, 0.5)):
         model(input_ids=ids)
     for h in hooks:
@@ -335,7 +337,10 @@ def test_load_adapter_state_rejects_missing_key(model):
 
 
 def test_load_adapter_state_rejects_keys_with_adapter_name(model):
-    named = {k.replace(".weight", f".{GLOBAL}.weight"): v for k, v in adapter_state(model, GLOBAL).items()}
+    named = {
+        k.replace(".weight", f".{GLOBAL}.weight"): v
+        for k, v in adapter_state(model, GLOBAL).items()
+    }
     with pytest.raises(KeyError):
         load_adapter_state(model, GLOBAL, named)
 

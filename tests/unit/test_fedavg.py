@@ -85,7 +85,10 @@ def test_running_average_matches_float64_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_dtype_is_preserved(dtype):
     got = fedavg(
-        [({"a": torch.tensor([1.0, 2.0], dtype=dtype)}, 1), ({"a": torch.tensor([3.0, 6.0], dtype=dtype)}, 3)]
+        [
+            ({"a": torch.tensor([1.0, 2.0], dtype=dtype)}, 1),
+            ({"a": torch.tensor([3.0, 6.0], dtype=dtype)}, 3),
+        ]
     )
     assert got["a"].dtype == dtype
     assert torch.equal(got["a"], torch.tensor([2.5, 5.0], dtype=dtype))

@@ -1,0 +1,131 @@
+"""Import boundaries: core pulls in neither ray nor deepspeed; deepspeed lives only in actors;
+serving reads what training wrote and never calls actors or the orchestrator."""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import feddpa
+
+PACKAGE = Path(feddpa.__file__).resolve().parent
+CORE_MODULES = [
+    "feddpa.core",
+    "feddpa.core.adapters",
+    "feddpa.core.weighting",
+    "feddpa.core.fedavg",
+    "feddpa.core.evaluation",
+    "feddpa.core.models",
+    "feddpa.core.models.mc",
+    "feddpa.core.models.causal",
+    "feddpa.core.storage",
+    "feddpa.core.algorithms",
+    "feddpa.core.training",
+    "feddpa.core.config",
+    "feddpa.core.records",
+]
+
+
+# A fresh interpreter importing all of core costs seconds (torch, transformers, peft); start it at
+# collection so it runs on the second core while the other tests run, and read it in the test.
+_CHILD = subprocess.Popen(
+    [
+        sys.executable,
+        "-c",
+        "import importlib, json, sys\n"
+        f"for m in {CORE_MODULES!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('ray', 'deepspeed'))))\n",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+)
+atexit.register(lambda: _CHILD.poll() is None and _CHILD.kill())
+
+
+def imported_modules(path: Path, root: Path = PACKAGE.parent) -> set[str]:
+    """Absolute names of every module `path` imports (relative imports resolved from `root`)."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    package = parts if path.name == "__init__.py" else parts[:-1]
+    if package and package[-1] == "__init__":
+        package = package[:-1]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package[: len(package) - node.level + 1]
+                base = ".".join([*anchor, node.module] if node.module else anchor)
+            else:
+                base = node.module or ""
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def sources(under: str = "") -> list[Path]:
+    return sorted((PACKAGE / under).rglob("*.py"))
+
+
+def offenders(files: list[Path], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(
+        f"{f.relative_to(PACKAGE.parent)} imports {name}"
+        for f in files
+        for name in imported_modules(f)
+        if any(name == bad or name.startswith(bad + ".") for bad in forbidden)
+    )
+
+
+def test_importing_core_loads_neither_ray_nor_deepspeed():
+    out, err = _CHILD.communicate(timeout=180)
+    assert _CHILD.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_core_sources_import_no_ray_deepspeed_or_upper_layers():
+    forbidden = ("ray", "deepspeed", "feddpa.actors", "feddpa.orchestrator", "feddpa.serving")
+    assert offenders(sources("core"), forbidden) == []
+
+
+def test_only_actors_import_deepspeed():
+    outside = [f for f in sources() if "actors" not in f.relative_to(PACKAGE).parts[:1]]
+    assert outside, "no sources found"
+    assert offenders(outside, ("deepspeed",)) == []
+
+
+def test_serving_does_not_import_actors_or_orchestrator():
+    files = sources("serving")
+    assert offenders(files, ("feddpa.actors", "feddpa.orchestrator")) == []
+
+
+def test_import_scanner_sees_relative_and_absolute_imports(tmp_path):
+    fake = tmp_path / "feddpa" / "serving" / "app.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(
+        "from ..actors import host\n"
+        "from . import schemas\n"
+        "import deepspeed.comm as dist\n"
+        "from feddpa.orchestrator.loop import run\n"
+    )
+    names = imported_modules(fake, root=tmp_path)
+    assert {"feddpa.actors.host", "feddpa.serving.schemas", "deepspeed.comm"} <= names
+    assert offenders_in(fake, tmp_path) == [
+        "deepspeed.comm",
+        "feddpa.actors",
+        "feddpa.actors.host",
+        "feddpa.orchestrator.loop",
+        "feddpa.orchestrator.loop.run",
+    ]
+
+
+def offenders_in(path: Path, root: Path) -> list[str]:
+    bad = ("deepspeed", "feddpa.actors", "feddpa.orchestrator")
+    return sorted(
+        n for n in imported_modules(path, root) if any(n == b or n.startswith(b + ".") for b in bad)
+    )
