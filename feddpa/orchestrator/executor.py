@@ -33,7 +33,9 @@ class Executor(Protocol):
 
     def initial_global(self) -> AdapterState: ...
 
-    def take_failures(self) -> list[dict]: ...
+    def round_stats(self) -> dict:
+        """{'failures': [...], 'transfer_s': float} since the last call."""
+        ...
 
     def close(self) -> None: ...
 
@@ -63,8 +65,8 @@ class InProcessExecutor:
     def initial_global(self):
         return self.host.initial_global()
 
-    def take_failures(self) -> list[dict]:
-        return []  # in process, a failing client raises
+    def round_stats(self) -> dict:
+        return {"failures": [], "transfer_s": 0.0}  # in process, a failing client raises
 
     def close(self) -> None:
         return None

@@ -151,25 +151,28 @@ def run_step(
     run_dir: Path,
 ) -> tuple[AdapterState, dict]:
     t0 = time.perf_counter()
-    ids = manifest.client_ids
     finetune = step >= cfg.federation.rounds
+    ids = manifest.client_ids
     sampled = ids if finetune else sample_clients(ids, cfg.federation, cfg.seed, step)
     fit_ids = [-1] if cfg.method == "centralized" and not finetune else sampled
     stage = ckpts.stage(step)
     avg = RunningAverage()
-    losses, compute, bytes_up = {}, 0.0, 0
+    losses, compute, bytes_up, fold_s = {}, 0.0, 0, 0.0
     for res in executor.fit(step, fit_ids, global_state, stage):
         losses[str(res.client_id)] = res.losses
         compute += res.compute_s
         if res.global_state is not None:
+            t = time.perf_counter()
             avg.add(res.global_state, res.num_examples)
-            bytes_up += sum(t.numel() * t.element_size() for t in res.global_state.values())
+            fold_s += time.perf_counter() - t
+            bytes_up += sum(v.numel() * v.element_size() for v in res.global_state.values())
     t_fit = time.perf_counter()
-    failures = executor.take_failures()
+    stats = executor.round_stats()
     if len(losses) < min(cfg.federation.min_fit_clients, len(fit_ids)):
         raise RuntimeError(
             f"round {step}: only {len(losses)} of {len(fit_ids)} clients reported, fewer than "
-            f"federation.min_fit_clients={cfg.federation.min_fit_clients}; failures: {failures}"
+            f"federation.min_fit_clients={cfg.federation.min_fit_clients}; "
+            f"failures: {stats['failures']}"
         )
     if avg.count:
         global_state = avg.result()
@@ -178,10 +181,13 @@ def run_step(
         evaluate(executor, cfg, manifest, test, step, global_state) if eval_due(cfg, step) else {}
     )
     t_eval = time.perf_counter()
+    eval_stats = executor.round_stats()
+    global_bytes = sum(v.numel() * v.element_size() for v in global_state.values())
     timing: dict[str, float] = {
-        "fit_s": t_fit - t0,
-        "client_compute_s": compute,
-        "aggregate_s": t_agg - t_fit,
+        "fit_s": t_fit - t0,  # wall time of the fit phase, aggregation folds included
+        "client_compute_s": compute,  # summed over clients
+        "transfer_s": stats["transfer_s"],
+        "aggregate_s": fold_s + (t_agg - t_fit),
         "eval_s": t_eval - t_agg,
     }
     record = {
@@ -190,13 +196,15 @@ def run_step(
         "sampled": sampled,
         "losses": losses,
         "bytes_up": bytes_up,
+        "bytes_down": global_bytes * len(fit_ids),
         "timing": timing,
         "eval": evaluation,
-        "failures": failures + executor.take_failures(),
+        "failures": stats["failures"] + eval_stats["failures"],
     }
     state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled}
     ckpts.commit(step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record)
     timing["checkpoint_s"] = time.perf_counter() - t_eval
+    timing["wall_s"] = time.perf_counter() - t0
     append_metrics(run_dir, record, step)
     if evaluation:
         log.info(

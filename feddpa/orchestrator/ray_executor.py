@@ -55,6 +55,7 @@ class RayExecutor:
         self.owner = {cid: self.actors[i] for i, block in enumerate(self.blocks) for cid in block}
         self.failures: list[dict] = []
         self.suspects: set[int] = set()  # actors that failed a call: maybe restarting
+        self.transfer_s = 0.0  # time spent fetching results into the driver
         self.progress = {"step": -1, "done": 0, "sampled": 0, "failed": 0}
         log.info("%d client actors for %d clients", len(self.actors), len(ids))
 
@@ -72,8 +73,11 @@ class RayExecutor:
             ref = ready[0]
             cid = pending.pop(ref)
             try:
-                yield ray.get(ref)
+                t0 = time.perf_counter()
+                value = ray.get(ref)
+                self.transfer_s += time.perf_counter() - t0
                 self.progress["done"] += 1
+                yield value
             except (RayActorError, RayTaskError, GetTimeoutError) as err:
                 self._fail(step, cid, what, f"{type(err).__name__}: {str(err).splitlines()[0]}")
 
@@ -124,8 +128,9 @@ class RayExecutor:
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors])
 
-    def take_failures(self) -> list[dict]:
-        out, self.failures = self.failures, []
+    def round_stats(self) -> dict:
+        out = {"failures": self.failures, "transfer_s": self.transfer_s}
+        self.failures, self.transfer_s = [], 0.0
         return out
 
     def close(self) -> None:
