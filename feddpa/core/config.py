@@ -98,6 +98,7 @@ class WeightingConfig(_Frozen):
 
 class EvalConfig(_Frozen):
     every: int = Field(1, ge=0, description="evaluate every N rounds; 0 = only at the end")
+    final: bool = Field(True, description="evaluate after the last round")
     batch_size: int = Field(64, ge=1)
     max_test_per_task: int | None = Field(None, ge=1)
     causal: Literal["generate", "auto"] = "auto"

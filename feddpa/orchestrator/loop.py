@@ -41,7 +41,7 @@ def total_steps(cfg: ExperimentConfig) -> int:
 
 def eval_due(cfg: ExperimentConfig, step: int) -> bool:
     last = step == total_steps(cfg) - 1
-    return last or (cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0)
+    return (last and cfg.eval.final) or (cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0)
 
 
 def step_weighting(cfg: ExperimentConfig, step: int):
