@@ -73,7 +73,7 @@ SMALL = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_cfg() -> Callable[..., ExperimentConfig]:
     """`small_cfg({"train": {"lr": 1e-3}})` -> a tiny synthetic-data config with overrides merged."""
 

@@ -31,22 +31,30 @@ AdapterState = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class Mix:
-    """Weights of the global and local adapter: floats, or tensors of shape (B,) per row."""
+    """Weights of the global and local adapter: floats, or tensors of shape (B,) per row.
+
+    `locals` names the local adapter(s). With several (a serving batch holding many clients),
+    `local_of_row` (B,) says which of them each row uses; the others get weight 0 on that row.
+    """
 
     global_w: float | torch.Tensor
     local_w: float | torch.Tensor
+    locals: tuple[str, ...] = (LOCAL,)
+    local_of_row: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor | None = None, repeat: int = 1) -> Mix:
         """Expand per-example weights to per-sequence rows: select by `index`, repeat each `repeat`x."""
 
-        def expand(w: float | torch.Tensor) -> float | torch.Tensor:
+        def expand(w):
             if not isinstance(w, torch.Tensor):
                 return w
             if index is not None:
                 w = w[index]
             return w.repeat_interleave(repeat) if repeat > 1 else w
 
-        return Mix(expand(self.global_w), expand(self.local_w))
+        return Mix(
+            expand(self.global_w), expand(self.local_w), self.locals, expand(self.local_of_row)
+        )
 
     def as_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row tensors (n,) of both weights."""
@@ -55,6 +63,17 @@ class Mix:
             return w.float() if isinstance(w, torch.Tensor) else torch.full((n,), float(w))
 
         return full(self.global_w), full(self.local_w)
+
+    def adapter_weights(self) -> dict[str, float | torch.Tensor]:
+        """Weight of every adapter taking part, per row where it varies."""
+        out: dict[str, float | torch.Tensor] = {GLOBAL: self.global_w}
+        if self.local_of_row is None:
+            out.update(dict.fromkeys(self.locals, self.local_w))
+            return out
+        for j, name in enumerate(self.locals):
+            mask = (self.local_of_row == j).float()
+            out[name] = mask * self.local_w
+        return out
 
 
 GLOBAL_ONLY = Mix(1.0, 0.0)
@@ -87,16 +106,17 @@ def _layer_weight(w: float | torch.Tensor, like: torch.Tensor) -> float | torch.
 @contextmanager
 def mixed(model: nn.Module, mix: Mix) -> Iterator[None]:
     """Run the block with adapter scalings s·w_g and s·w_l; restores the plain scalings after."""
+    weights = mix.adapter_weights()
     for layer in lora_layers(model):
         ref = layer.lora_A[GLOBAL].weight
         assert isinstance(ref, torch.Tensor)
-        layer.scaling[GLOBAL] = _base_scale(layer, GLOBAL) * _layer_weight(mix.global_w, ref)
-        layer.scaling[LOCAL] = _base_scale(layer, LOCAL) * _layer_weight(mix.local_w, ref)
+        for name, w in weights.items():
+            layer.scaling[name] = _base_scale(layer, name) * _layer_weight(w, ref)
     try:
         yield
     finally:
         for layer in lora_layers(model):
-            for name in ADAPTERS:
+            for name in weights:
                 layer.scaling[name] = _base_scale(layer, name)
 
 

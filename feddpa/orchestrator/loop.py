@@ -201,7 +201,7 @@ def run_step(
         "eval": evaluation,
         "failures": stats["failures"] + eval_stats["failures"],
     }
-    state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled}
+    state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled, "clients": ids}
     ckpts.commit(step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record)
     timing["checkpoint_s"] = time.perf_counter() - t_eval
     timing["wall_s"] = time.perf_counter() - t0

@@ -4,12 +4,13 @@
 
 - `loss(examples, mix)`: the training loss of a batch under an adapter mix;
 - `represent(texts)`: (B, H) representations with the local adapter only (for the weighting);
+- `option_probs(examples, mix)`: per item, the probability of each of its OPTIONS;
 - `score(examples, mix)`: per-item metric (accuracy 0/1, or ROUGE-1 F for free text) + predictions.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -20,10 +21,13 @@ from feddpa.core.records import Example
 
 class TaskModel(Protocol):
     peft: torch.nn.Module
+    tokenizer: Any
 
     def loss(self, examples: list[Example], mix: Mix) -> torch.Tensor: ...
 
-    def represent(self, texts: list[str]) -> torch.Tensor: ...
+    def represent(self, texts: list[str], local: Mix = ...) -> torch.Tensor: ...
+
+    def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]: ...
 
     def query_text(self, example: Example) -> str: ...
 

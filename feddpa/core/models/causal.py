@@ -91,9 +91,10 @@ class CausalLMModel:
         )
 
     @torch.no_grad()
-    def represent(self, texts: list[str]) -> torch.Tensor:
+    def represent(self, texts: list[str], local: Mix = LOCAL_ONLY) -> torch.Tensor:
+        """(B, H) e(x) with the local adapter alone (`local` routes rows to local adapters)."""
         batch = self._prompt_batch(texts)
-        with mixed(self.peft, LOCAL_ONLY):
+        with mixed(self.peft, local):
             out = self.peft(**batch, output_hidden_states=True)
         return (
             out.hidden_states[-1][:, -1, :].float().cpu()
@@ -137,6 +138,10 @@ class CausalLMModel:
         per_seq = (tok.sum(1) / keep.sum(1).clamp(min=1)).cpu()
         owner_t = torch.tensor(owners)
         return [per_seq[owner_t == i] for i in range(len(examples))]
+
+    def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
+        """Per example: softmax over its options' mean log-likelihoods."""
+        return [ll.softmax(0) for ll in self.option_loglik(examples, mix)]
 
     def score(self, examples: list[Example], mix: Mix) -> tuple[list[float], list[str]]:
         scores: list[float] = [0.0] * len(examples)

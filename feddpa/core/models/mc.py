@@ -33,7 +33,8 @@ class OptionRows:
 
 def option_rows(examples: list[Example], mix: Mix) -> OptionRows:
     wg, wl = mix.as_rows(len(examples))
-    seen: dict[tuple[str, float, float], int] = {}
+    route = mix.local_of_row if mix.local_of_row is not None else torch.zeros(len(examples))
+    seen: dict[tuple[str, float, float, int], int] = {}
     texts: list[str] = []
     owners: list[int] = []
     index: list[list[int]] = []
@@ -46,7 +47,7 @@ def option_rows(examples: list[Example], mix: Mix) -> OptionRows:
             )
         ids = []
         for opt in options:
-            key = (opt, float(wg[i]), float(wl[i]))
+            key = (opt, float(wg[i]), float(wl[i]), int(route[i]))
             if key not in seen:
                 seen[key] = len(texts)
                 texts.append(opt)
@@ -105,8 +106,15 @@ class MultipleChoiceModel:
         return F.cross_entropy(logits, targets)
 
     @torch.no_grad()
-    def represent(self, texts: list[str]) -> torch.Tensor:
-        return self.encode(texts, LOCAL_ONLY).float()
+    def represent(self, texts: list[str], local: Mix = LOCAL_ONLY) -> torch.Tensor:
+        """(B, H) e(x) with the local adapter alone (`local` routes rows to local adapters)."""
+        return self.encode(texts, local).float()
+
+    @torch.no_grad()
+    def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
+        """Per example: softmax over its options."""
+        logits, _ = self.logits(examples, mix)
+        return [row[: len(ex.options)].softmax(0) for row, ex in zip(logits, examples, strict=True)]
 
     @torch.no_grad()
     def score(self, examples: list[Example], mix: Mix) -> tuple[list[float], list[str]]:

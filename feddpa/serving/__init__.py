@@ -1,0 +1,1 @@
+"""Per-client personalized inference over HTTP (Ray Serve + FastAPI), from a training run directory."""

@@ -1,0 +1,221 @@
+"""The serving engine: one base model + the current global adapter, and an LRU of client local
+adapters (each a named peft adapter `client_XXXXX`) with their representation banks.
+
+A batch may hold requests of many clients: every client's local adapter is active at once and
+`Mix.local_of_row` gives each row its own local adapter and its own instance-wise weight, so the
+batch runs as one forward pass (FedDPA, arXiv 2403.19211, Eq. 6–7; the math is `feddpa.core`'s).
+
+Roll-out: at the start of every batch the engine checks the run's LATEST round; when training has
+committed a new one it swaps in the new global adapter and drops cached clients (their local
+adapters changed too). Batches run one at a time per replica, so no request sees mixed versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from feddpa.core import algorithms
+from feddpa.core.adapters import GLOBAL, Mix, load_adapter_state, set_trainable
+from feddpa.core.config import WeightingConfig, WeightMode, load_config
+from feddpa.core.models import build_task_model
+from feddpa.core.models.loading import lora_config
+from feddpa.core.records import Example
+from feddpa.core.storage import latest_checkpoint, load_adapter, load_bank
+from feddpa.core.weighting import instance_mix, needs_bank
+
+log = logging.getLogger(__name__)
+
+
+class UnknownClient(KeyError):
+    pass
+
+
+@dataclass
+class ClientSlot:
+    client_id: int
+    adapter: str
+    bank: torch.Tensor | None
+    has_local: bool
+    loaded_s: float
+
+
+@dataclass(frozen=True)
+class Request:
+    client_id: int
+    example: Example
+    task: str = "predict"  # or "generate"
+    mode: WeightMode | None = None  # weighting override; None = the run's method default
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class Result:
+    client_id: int
+    global_weight: float
+    local_weight: float
+    version: str
+    probs: list[float] = field(default_factory=list)
+    choice: str = ""
+    text: str = ""
+
+
+class ServingEngine:
+    def __init__(self, run_dir: str | Path, capacity: int = 128) -> None:
+        self.run_dir = Path(run_dir)
+        self.cfg = load_config(self.run_dir / "config.yaml")
+        self.model = build_task_model(self.cfg.model, self.cfg.lora, self.cfg.eval)
+        self.lora_config = lora_config(self.cfg.model, self.cfg.lora)
+        self.weighting = algorithms.eval_weighting(self.cfg)
+        self.capacity = capacity
+        self.slots: OrderedDict[int, ClientSlot] = OrderedDict()
+        self.version = ""
+        self.clients: list[int] = []
+        self.lock = threading.Lock()
+        if not self.refresh():
+            raise FileNotFoundError(f"{self.run_dir}: no committed round to serve yet")
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.model.kind
+
+    def refresh(self) -> bool:
+        """Switch to the newest committed round if training moved on; True if one is loaded."""
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        if latest is None:
+            return bool(self.version)
+        if latest.name != self.version:
+            import json
+
+            state = json.loads((latest / "state.json").read_text())
+            load_adapter_state(self.model.peft, GLOBAL, load_adapter(latest / "global"))
+            for cid in list(self.slots):
+                self._evict(cid)
+            self.clients = sorted(state["clients"])
+            self.version, self.checkpoint = latest.name, latest
+            log.info("serving %s (%d clients)", latest.name, len(self.clients))
+        return True
+
+    def _evict(self, cid: int) -> None:
+        slot = self.slots.pop(cid)
+        if slot.has_local:
+            self.model.peft.delete_adapter(slot.adapter)  # type: ignore[operator]
+
+    def slot(self, cid: int) -> ClientSlot:
+        """The client's cached slot, loading its local adapter + bank on a miss (LRU)."""
+        if cid in self.slots:
+            self.slots.move_to_end(cid)
+            return self.slots[cid]
+        if cid not in self.clients:
+            raise UnknownClient(cid)
+        start = time.perf_counter()
+        cdir = self.checkpoint / "clients" / f"client_{cid:05d}"
+        name = f"client_{cid:05d}"
+        has_local = (cdir / "local").is_dir()
+        if has_local:
+            self.model.peft.add_adapter(name, self.lora_config)  # type: ignore[operator]
+            load_adapter_state(self.model.peft, name, load_adapter(cdir / "local"))
+            self.model.peft.eval()  # new adapter modules start in training mode (dropout on)
+        bank = (
+            load_bank(cdir / "bank.safetensors") if (cdir / "bank.safetensors").is_file() else None
+        )
+        self.slots[cid] = ClientSlot(cid, name, bank, has_local, time.perf_counter() - start)
+        return self.slots[cid]
+
+    def shrink(self) -> None:
+        """Evict least recently used clients beyond the capacity (never during a batch)."""
+        while len(self.slots) > self.capacity:
+            self._evict(next(iter(self.slots)))
+
+    def _weights(self, requests: list[Request], slots: list[ClientSlot], route: Mix) -> Mix:
+        """Per-row (global, local) weights: each row's client bank and weighting mode."""
+        n = len(requests)
+        modes = [self._mode(r, s) for r, s in zip(requests, slots, strict=True)]
+        rows_q = [i for i, m in enumerate(modes) if needs_bank(m)]
+        queries = None
+        if rows_q:
+            sub = route.rows(torch.tensor(rows_q))
+            texts = [self.model.query_text(requests[i].example) for i in rows_q]
+            queries = dict(zip(rows_q, self.model.represent(texts, sub), strict=True))
+        wg, wl = torch.zeros(n), torch.zeros(n)
+        for i, (req, slot, mode) in enumerate(zip(requests, slots, modes, strict=True)):
+            gen = torch.Generator().manual_seed(
+                algorithms.derive_seed(
+                    self.cfg.seed, "serve", req.client_id, req.example.instruction
+                )
+            )
+            q = queries[i].unsqueeze(0) if queries is not None and i in queries else None
+            g, loc = instance_mix(q, slot.bank, mode, gen).as_rows(1)
+            wg[i], wl[i] = g[0], loc[0]
+        return Mix(wg, wl, route.locals, route.local_of_row)
+
+    def _mode(self, req: Request, slot: ClientSlot) -> WeightingConfig:
+        mode = (
+            self.weighting
+            if req.mode is None
+            else self.weighting.model_copy(update={"mode": req.mode})
+        )
+        if mode.mode != "global_only" and not slot.has_local:
+            raise ValueError(
+                f"client {slot.client_id} has no local adapter in this run: use mode global_only"
+            )
+        if needs_bank(mode) and slot.bank is None:
+            raise ValueError(f"client {slot.client_id} has no representation bank: use mode fixed")
+        return mode
+
+    def run_batch(self, requests: list[Request]) -> list[Result]:
+        """Serve a batch of (possibly) many clients' requests in one pass."""
+        with self.lock, torch.no_grad():
+            self.refresh()
+            slots = [self.slot(r.client_id) for r in requests]
+            names = sorted({s.adapter for s in slots if s.has_local})
+            self.model.peft.base_model.set_adapter([GLOBAL, *names])  # type: ignore[union-attr,operator]
+            set_trainable(self.model.peft, None)
+            index = {name: j for j, name in enumerate(names)}
+            route = Mix(
+                0.0,
+                1.0,
+                tuple(names),
+                torch.tensor([index.get(s.adapter, -1) for s in slots]),
+            )
+            try:
+                return self._run(requests, self._weights(requests, slots, route))
+            finally:
+                self.shrink()
+
+    def _run(self, requests: list[Request], mix: Mix) -> list[Result]:
+        wg, wl = mix.as_rows(len(requests))
+        results = [
+            Result(r.client_id, float(wg[i]), float(wl[i]), self.version)
+            for i, r in enumerate(requests)
+        ]
+        predict = [i for i, r in enumerate(requests) if r.task == "predict"]
+        generate = [i for i, r in enumerate(requests) if r.task == "generate"]
+        if predict:
+            examples = [requests[i].example for i in predict]
+            probs = self.model.option_probs(examples, mix.rows(torch.tensor(predict)))
+            for i, ex, p in zip(predict, examples, probs, strict=True):
+                results[i].probs = p.tolist()
+                results[i].choice = ex.options[int(p.argmax())]
+        if generate:
+            gen_fn = getattr(self.model, "generate", None)
+            if gen_fn is None:
+                raise ValueError(
+                    "this run's model is multiple_choice: it scores OPTIONS, it does not generate"
+                )
+            texts = gen_fn(
+                [requests[i].example for i in generate], mix.rows(torch.tensor(generate))
+            )
+            for i, text in zip(generate, texts, strict=True):
+                limit = requests[i].max_new_tokens
+                if limit is not None:
+                    ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+                    text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                results[i].text = text
+        return results
