@@ -1,4 +1,4 @@
-"""`feddpa train | eval | data` — the command line."""
+"""`feddpa train | eval | serve | tokens | data` — the command line."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def print_results(run_dir: Path, title: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from feddpa.orchestrator.executor import InProcessExecutor
-    from feddpa.orchestrator.loop import resumed_config, train
+    from feddpa.orchestrator.loop import ensure_new_run_dir, resumed_config, train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -62,6 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+        ensure_new_run_dir(run_dir)
     setup_logging(run_dir, args.verbose)
     start = time.perf_counter()
     if args.ray:
@@ -113,6 +114,53 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from feddpa.orchestrator.driver import init_ray
+    from feddpa.serving.app import Limits
+    from feddpa.serving.deployment import ServeOptions, start
+
+    run_dir = Path(args.run_dir).resolve()
+    options = ServeOptions(
+        run_dir=str(run_dir),
+        capacity=args.capacity,
+        replicas=args.replicas,
+        max_batch_size=args.max_batch_size,
+        tokens=str(Path(args.tokens).resolve()) if args.tokens else None,
+        limits=Limits(max_queue=args.max_queue),
+    )
+    setup_logging(None, args.verbose)
+    if options.tokens is None:
+        print(
+            "feddpa: warning: no --tokens file, every client is open to anyone who can reach the port",
+            file=sys.stderr,
+        )
+    init_ray(args.ray)
+    start(options, host=args.host, port=args.port)
+    print(f"serving {run_dir} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from feddpa.core.storage import latest_checkpoint
+    from feddpa.serving.auth import create_tokens
+
+    latest = latest_checkpoint(Path(args.run_dir) / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"{args.run_dir} has no committed round")
+    clients = json.loads((latest / "state.json").read_text())["clients"]
+    plain = create_tokens(clients, Path(args.out))
+    print(json.dumps(plain, indent=2))
+    print(f"hashes written to {args.out}; the tokens above are shown once", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="feddpa",
@@ -160,6 +208,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="directory for the tables and plots (default: RUN_DIR/results-eval)"
     )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "serve", help="serve every client's personalized model over HTTP (Ray Serve)"
+    )
+    p.add_argument("run_dir", help="a training run directory (serves its latest committed round)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--tokens", help="tokens file of hashes (feddpa tokens); without it auth is off")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--capacity", type=int, default=128, help="clients resident per replica (LRU)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=256, help="in-flight requests before 503")
+    p.add_argument("--ray", default="local", metavar="local|auto|ADDRESS")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tokens", help="create bearer tokens for a run's clients (prints them once)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="new file for the token hashes")
+    p.set_defaults(func=cmd_tokens)
 
     p = sub.add_parser("data", help="prepare or inspect per-client Parquet shards")
     dsub = p.add_subparsers(dest="data_cmd", required=True)

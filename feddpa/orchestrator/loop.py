@@ -70,12 +70,16 @@ def evaluate(
     return {"weighting": weighting.mode, "avg": avg, "clients": clients}
 
 
-def start_run(cfg: ExperimentConfig, run_dir: Path) -> None:
+def ensure_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and any(p.name != "train.log" for p in run_dir.iterdir()):
         raise FileExistsError(
             f"run directory {run_dir} already exists and is not empty; choose another "
             f"--run-dir or continue it with --resume {run_dir}"
         )
+
+
+def start_run(cfg: ExperimentConfig, run_dir: Path) -> None:
+    ensure_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
 

@@ -169,6 +169,19 @@ class ServingEngine:
             raise ValueError(f"client {slot.client_id} has no representation bank: use mode fixed")
         return mode
 
+    def validate(self, req: Request) -> None:
+        """Raise UnknownClient / ValueError for a request that cannot be served."""
+        with self.lock:
+            self.refresh()
+            slot = self.slot(req.client_id)
+            self._mode(req, slot)
+            if req.task == "generate" and self.kind != "causal_lm":
+                raise ValueError(
+                    "this run's model is multiple_choice: it scores OPTIONS, it does not generate"
+                )
+            if req.task == "predict" and len(req.example.options) < 2:
+                raise ValueError("predict needs two or more OPTIONS")
+
     def run_batch(self, requests: list[Request]) -> list[Result]:
         """Serve a batch of (possibly) many clients' requests in one pass."""
         with self.lock, torch.no_grad():

@@ -53,7 +53,11 @@ def mc(stem: str, options: list[str], answer: str, task: str = "t") -> Example:
 
 MC_ITEMS = [
     mc("Is the movie brilliant or awful?", ["positive", "negative"], "positive"),
-    mc("Route this ticket about a refund", ["billing team", "tech support", "logistics"], "logistics"),
+    mc(
+        "Route this ticket about a refund",
+        ["billing team", "tech support", "logistics"],
+        "logistics",
+    ),
     mc("Which animal is a salmon?", ["mammal", "insect", "bird", "fish"], "fish"),
     mc("A short one", ["yes", "no"], "no"),
 ]
@@ -61,7 +65,9 @@ FREE_ITEMS = [
     Example("Write a greeting for a friend.", "hello my friend", "free"),
     Example("Name a colour of the sky at night in a long sentence please.", "dark blue", "free"),
 ]
-ROW_MIX = Mix(torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2]), torch.tensor([0.1, 0.8, 0.5, 1.0, 0.3, 0.6]))
+ROW_MIX = Mix(
+    torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2]), torch.tensor([0.1, 0.8, 0.5, 1.0, 0.3, 0.6])
+)
 
 
 def row_mix(i: int, mix: Mix = ROW_MIX) -> Mix:
@@ -69,7 +75,9 @@ def row_mix(i: int, mix: Mix = ROW_MIX) -> Mix:
 
 
 def test_lora_targets_q_and_v_projections(model):
-    names = {n.rsplit(".", 1)[-1] for n, m in model.peft.named_modules() if isinstance(m, LoraLayer)}
+    names = {
+        n.rsplit(".", 1)[-1] for n, m in model.peft.named_modules() if isinstance(m, LoraLayer)
+    }
     assert names == {"q_proj", "v_proj"}
     assert set(model.peft.peft_config) == {GLOBAL, LOCAL}
     assert set(model.peft.peft_config[GLOBAL].target_modules) == {"q_proj", "v_proj"}
@@ -113,7 +121,10 @@ def test_loss_is_finite_and_falls_with_training(model):
 
 def test_represent_is_the_last_prompt_token_hidden_state(model):
     randomize_adapters(model, seed=2)
-    texts = [prompt_for("short"), prompt_for("a much longer instruction with many more words in it")]
+    texts = [
+        prompt_for("short"),
+        prompt_for("a much longer instruction with many more words in it"),
+    ]
     both = model.represent(texts)
     assert both.shape == (2, model.peft.get_base_model().config.hidden_size)
     for i, text in enumerate(texts):
@@ -187,7 +198,9 @@ def test_free_text_items_are_scored_by_rouge1(model):
     for ex, s, p in zip(FREE_ITEMS, scores, preds, strict=True):
         assert 0.0 <= s <= 1.0
         assert s == model.rouge.score(ex.output, p)["rouge1"].fmeasure
-    assert model.rouge.score("hello my friend", "hello friend")["rouge1"].fmeasure == pytest.approx(0.8)
+    assert model.rouge.score("hello my friend", "hello friend")["rouge1"].fmeasure == pytest.approx(
+        0.8
+    )
 
 
 def test_generate_mode_scores_option_items_by_rouge(model):

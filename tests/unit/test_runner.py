@@ -81,8 +81,7 @@ def digest(path: Path) -> str:
 def adapter_files(round_dir: Path) -> dict[str, str]:
     """Hashes of every adapter/bank tensor file of a committed round, by relative path."""
     return {
-        str(p.relative_to(round_dir)): digest(p)
-        for p in sorted(round_dir.rglob("*.safetensors"))
+        str(p.relative_to(round_dir)): digest(p) for p in sorted(round_dir.rglob("*.safetensors"))
     }
 
 
@@ -105,8 +104,8 @@ def dpa_t_run(small_cfg, tmp_path_factory) -> tuple[Path, str]:
 def llama_cfg(small_cfg, llama_dir: Path, overrides: dict):
     base = {
         "model": {"kind": "causal_lm", "path": str(llama_dir), "max_length": 64, "threads": 1},
-        "data": {"tasks": TWO_TASKS, "train_per_task": 8, "test_per_task": 1},
-        "train": {"lr": 1e-2},
+        "data": {"tasks": TWO_TASKS, "train_per_task": 4, "test_per_task": 1},
+        "train": {"lr": 1e-2, "batch_size": 4, "micro_batch_size": 4},
     }
     for key, value in overrides.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
@@ -198,7 +197,10 @@ def test_saved_adapters_load_with_stock_peft(dpa_t_run):
     base = AutoModel.from_pretrained(resolve_model_path("minilm"))
     peft = PeftModel.from_pretrained(base, str(last / "global"))
     peft.load_adapter(str(last / "clients" / "client_00003" / "local"), adapter_name="local")
-    for name, path in (("default", last / "global"), ("local", last / "clients/client_00003/local")):
+    for name, path in (
+        ("default", last / "global"),
+        ("local", last / "clients/client_00003/local"),
+    ):
         loaded = get_peft_model_state_dict(peft, adapter_name=name)
         saved = load_adapter(path)
         assert set(loaded) == set(saved)

@@ -72,12 +72,16 @@ class CausalLMModel:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def training_sequence(self, example: Example) -> tuple[list[int], list[int]]:
-        """(input ids, labels): prompt tokens masked with -100, EOS appended, cut at max_length."""
+        """(input ids, labels): prompt tokens masked with -100, EOS appended, at most max_length.
+
+        A prompt too long for the cutoff loses its beginning, never the answer, so every item
+        keeps response tokens to learn from (a fully masked item would give a NaN loss)."""
         prompt = self._ids(prompt_for(example.instruction), special=True)
-        answer = self._ids(example.output, special=False) + [self.tokenizer.eos_token_id]
-        ids = (prompt + answer)[: self.max_length]
-        labels = ([IGNORE] * len(prompt) + answer)[: self.max_length]
-        return ids, labels
+        answer = (self._ids(example.output, special=False) + [self.tokenizer.eos_token_id])[
+            : self.max_length - 1
+        ]
+        prompt = prompt[-(self.max_length - len(answer)) :]
+        return prompt + answer, [IGNORE] * len(prompt) + answer
 
     def loss(self, examples: list[Example], mix: Mix) -> torch.Tensor:
         seqs = [self.training_sequence(e) for e in examples]
@@ -132,10 +136,13 @@ class CausalLMModel:
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
         target = batch["labels"][:, 1:]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        keep = target != IGNORE
-        tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
-        per_seq = (tok.sum(1) / keep.sum(1).clamp(min=1)).cpu()
+        keep = target != IGNORE  # (R, T-1): answer positions only
+        rows = logits[:, :-1][keep].float()  # (K, V): no full-sequence log-softmax
+        tok_logp = rows.log_softmax(-1).gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(keep.shape[0], device=rows.device).index_add_(
+            0, keep.nonzero()[:, 0], tok_logp
+        )
+        per_seq = (sums / keep.sum(1).clamp(min=1)).cpu()
         owner_t = torch.tensor(owners)
         return [per_seq[owner_t == i] for i in range(len(examples))]
 

@@ -1,0 +1,339 @@
+"""The FastAPI app: routes, auth, limits and error mapping. It talks to a `Backend` — in Ray Serve a
+handle to the multiplexed Personalizer deployment, in tests an in-process engine — so the HTTP
+contract is the same either way.
+
+Errors never surface as 500: bad bodies → 422 naming the field, unknown client → 404, wrong or
+missing token → 401/403, prompt over the limit → 413, queue full → 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+from feddpa.core.records import Example, format_options, parse_options
+from feddpa.serving import schemas as s
+from feddpa.serving.auth import TokenStore
+from feddpa.serving.engine import Request as EngineRequest
+from feddpa.serving.engine import Result, ServingEngine, UnknownClient
+
+
+class Backend(Protocol):
+    async def run(self, req: EngineRequest) -> Result: ...
+
+    async def describe(self) -> dict: ...  # {"clients": [...], "version": str, "kind": str}
+
+
+class LocalBackend:
+    """The engine in this process (tests, single-process use)."""
+
+    def __init__(self, engine: ServingEngine) -> None:
+        self.engine = engine
+
+    async def run(self, req: EngineRequest) -> Result:
+        return (await asyncio.to_thread(self.engine.run_batch, [req]))[0]
+
+    async def describe(self) -> dict:
+        self.engine.refresh()
+        return {
+            "clients": self.engine.clients,
+            "version": self.engine.version,
+            "kind": self.engine.kind,
+        }
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 8000
+    max_queue: int = 256
+    retry_after_s: int = 1
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "feddpa_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "feddpa_request_seconds", "request latency", ["route"], registry=self.registry
+        )
+
+
+bearer = HTTPBearer(auto_error=False)
+Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def parse_client(text: str) -> int:
+    """'3', 'client-3' or 'client_00003' -> 3."""
+    digits = text.removeprefix("client").lstrip("-_")
+    if not digits.isdigit():
+        raise HTTPException(404, f"unknown client {text!r}: use an id from GET /v1/clients")
+    return int(digits)
+
+
+@dataclass
+class AppState:
+    """What the routes need; resolved per request so Serve replicas can supply their own."""
+
+    backend: Backend
+    tokens: TokenStore | None = None
+    limits: Limits = field(default_factory=Limits)
+    metrics: Metrics = field(default_factory=lambda: Metrics())
+    inflight: int = 0
+
+
+def build_app(state: Callable[[], AppState]) -> FastAPI:
+    app = FastAPI(
+        title="feddpa",
+        version="0.1.0",
+        description="Per-client personalized inference (FedDPA dual adapters)",
+    )
+
+    async def authorize(
+        request: Request, cid: int, creds: HTTPAuthorizationCredentials | None
+    ) -> None:
+        store: TokenStore | None = state().tokens
+        if store is None:
+            return
+        if creds is None:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if store.is_admin(creds.credentials):
+            return
+        owner = store.client_of(creds.credentials)
+        if owner is None:
+            raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if owner != cid:
+            raise HTTPException(403, f"this token opens client {owner} only, not client {cid}")
+
+    async def known(request: Request, cid: int) -> dict:
+        info = await state().backend.describe()
+        if cid not in info["clients"]:
+            raise HTTPException(404, f"unknown client {cid}: use an id from GET /v1/clients")
+        return info
+
+    async def execute(request: Request, route: str, req: EngineRequest) -> Result:
+        limits: Limits = state().limits
+        metrics: Metrics = state().metrics
+        if len(req.example.instruction) > limits.max_prompt_chars:
+            raise HTTPException(
+                413,
+                f"prompt has {len(req.example.instruction)} characters; the limit is {limits.max_prompt_chars}",
+            )
+        if state().inflight >= limits.max_queue:
+            raise HTTPException(
+                503, "overloaded, retry later", headers={"Retry-After": str(limits.retry_after_s)}
+            )
+        state().inflight += 1
+        start = time.perf_counter()
+        try:
+            return await state().backend.run(req)
+        except UnknownClient as err:
+            raise HTTPException(404, f"unknown client {err.args[0]}") from None
+        except ValueError as err:
+            raise HTTPException(422, str(err)) from None
+        finally:
+            state().inflight -= 1
+            metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+    def weights(r: Result) -> s.Weights:
+        return s.Weights(global_adapter=r.global_weight, local_adapter=r.local_weight)
+
+    def mc_example(instruction: str, options: list[str] | None) -> Example:
+        opts = options or list(parse_options(instruction))
+        if len(opts) < 2:
+            raise HTTPException(
+                422, "give 'options' (two or more) or end the instruction with an OPTIONS: block"
+            )
+        text = format_options(instruction, opts) if options else instruction
+        return Example(text, opts[0], "request")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        state().metrics.requests.labels(
+            request.url.path.split("/")[-1] or "/", str(response.status_code)
+        ).inc()
+        return response
+
+    @app.get("/healthz")
+    async def healthz(request: Request) -> dict:
+        info = await state().backend.describe()
+        return {"status": "ok", "version": info["version"], "clients": len(info["clients"])}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(
+            generate_latest(state().metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    @app.get("/v1/clients", response_model=s.ClientsResponse)
+    async def clients(request: Request, creds: Creds) -> s.ClientsResponse:
+        info = await state().backend.describe()
+        visible = info["clients"]
+        store: TokenStore | None = state().tokens
+        if store is not None:
+            if creds is None:
+                raise HTTPException(
+                    401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
+                )
+            if not store.is_admin(creds.credentials):
+                owner = store.client_of(creds.credentials)
+                if owner is None:
+                    raise HTTPException(
+                        401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+                    )
+                visible = [owner]
+        return s.ClientsResponse(
+            clients=[s.ClientInfo(client_id=c, model=f"client-{c}") for c in visible],
+            version=info["version"],
+            model_kind=info["kind"],
+        )
+
+    @app.post(
+        "/v1/clients/{client_id}/predict",
+        response_model=s.PredictResponse,
+        responses={
+            401: {"model": s.ErrorBody},
+            403: {"model": s.ErrorBody},
+            404: {"model": s.ErrorBody},
+            413: {"model": s.ErrorBody},
+            503: {"model": s.ErrorBody},
+        },
+    )
+    async def predict(
+        client_id: int,
+        body: s.PredictRequest,
+        request: Request,
+        creds: Creds,
+    ) -> s.PredictResponse:
+        await authorize(request, client_id, creds)
+        await known(request, client_id)
+        example = mc_example(body.instruction, body.options)
+        r = await execute(
+            request, "predict", EngineRequest(client_id, example, "predict", body.weighting)
+        )
+        return s.PredictResponse(
+            client_id=client_id,
+            choice=r.choice,
+            options=list(example.options),
+            probs=r.probs,
+            weights=weights(r),
+            version=r.version,
+        )
+
+    @app.post(
+        "/v1/clients/{client_id}/generate",
+        response_model=s.GenerateResponse,
+        responses={
+            401: {"model": s.ErrorBody},
+            403: {"model": s.ErrorBody},
+            404: {"model": s.ErrorBody},
+            413: {"model": s.ErrorBody},
+            503: {"model": s.ErrorBody},
+        },
+    )
+    async def generate(
+        client_id: int,
+        body: s.GenerateRequest,
+        request: Request,
+        creds: Creds,
+    ) -> s.GenerateResponse:
+        await authorize(request, client_id, creds)
+        info = await known(request, client_id)
+        if info["kind"] != "causal_lm":
+            raise HTTPException(422, "this run's model is multiple_choice: use /predict")
+        req = EngineRequest(
+            client_id,
+            Example(body.prompt, "", "request"),
+            "generate",
+            body.weighting,
+            body.max_tokens,
+        )
+        r = await execute(request, "generate", req)
+        return s.GenerateResponse(
+            client_id=client_id, text=r.text, weights=weights(r), version=r.version
+        )
+
+    async def complete(
+        request: Request, model: str, prompt: str, max_tokens: int | None, creds
+    ) -> tuple[int, str, Result]:
+        cid = parse_client(model)
+        await authorize(request, cid, creds)
+        info = await known(request, cid)
+        if info["kind"] == "causal_lm":
+            req = EngineRequest(cid, Example(prompt, "", "request"), "generate", None, max_tokens)
+            r = await execute(request, "completions", req)
+            return cid, r.text, r
+        example = mc_example(prompt, None)
+        r = await execute(request, "completions", EngineRequest(cid, example, "predict"))
+        return cid, r.choice, r
+
+    def openai_body(kind: str, model: str, prompt: str, text: str, chat: bool) -> dict:
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        choice: dict = {"index": 0, "finish_reason": "stop"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        return {
+            "id": f"{kind}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(
+        body: s.CompletionRequest,
+        request: Request,
+        creds: Creds,
+    ) -> JSONResponse:
+        _, text, _ = await complete(request, body.model, body.prompt, body.max_tokens, creds)
+        return JSONResponse(openai_body("cmpl", body.model, body.prompt, text, chat=False))
+
+    @app.post("/v1/chat/completions")
+    async def chat(
+        body: s.ChatCompletionRequest,
+        request: Request,
+        creds: Creds,
+    ) -> JSONResponse:
+        prompt = "\n\n".join(
+            m.content for m in body.messages if m.role in ("system", "developer", "user")
+        )
+        if not prompt.strip():
+            raise HTTPException(422, "messages: at least one non-empty user message is required")
+        _, text, _ = await complete(
+            request, body.model, prompt, body.max_completion_tokens or body.max_tokens, creds
+        )
+        return JSONResponse(openai_body("chatcmpl", body.model, prompt, text, chat=True))
+
+    @app.get("/v1/models")
+    async def models(request: Request, creds: Creds) -> dict:
+        listed = await clients(request, creds)
+        return {
+            "object": "list",
+            "data": [
+                {"id": c.model, "object": "model", "owned_by": "feddpa"} for c in listed.clients
+            ],
+        }
+
+    return app

@@ -1,0 +1,107 @@
+"""Ray Serve application: an HTTP ingress (the FastAPI app) in front of the `Personalizer`
+deployment, multiplexed by client id so a client's requests go to replicas that hold its local
+adapter; each replica batches requests of many clients together (`serve.batch`)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from feddpa.serving.app import AppState, Limits, build_app
+from feddpa.serving.auth import TokenStore
+from feddpa.serving.engine import Request, Result, ServingEngine
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    run_dir: str
+    capacity: int = 128  # clients resident per replica (LRU)
+    replicas: int = 1
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.005
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    tokens: str | None = None
+    limits: Limits = Limits()
+
+
+class Personalizer:
+    def __init__(self, options: ServeOptions) -> None:
+        self.engine = ServingEngine(options.run_dir, options.capacity)
+        self.batched.set_max_batch_size(options.max_batch_size)  # type: ignore[attr-defined]
+        self.batched.set_batch_wait_timeout_s(options.batch_wait_s)  # type: ignore[attr-defined]
+
+    @serve.multiplexed(max_num_models_per_replica=1024)
+    async def load_client(self, client_id: str) -> int:
+        """Warm the client's slot (routing affinity); the engine's own LRU bounds memory."""
+        self.engine.slot(int(client_id))
+        return int(client_id)
+
+    async def run(self, req: Request) -> Result:
+        await self.load_client(serve.get_multiplexed_model_id())
+        self.engine.validate(req)  # a bad request must fail alone, not its whole batch
+        return await self.batched(req)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def batched(self, reqs: list[Request]) -> list[Result]:
+        return await asyncio.to_thread(self.engine.run_batch, reqs)
+
+    def describe(self) -> dict:
+        self.engine.refresh()
+        return {
+            "clients": self.engine.clients,
+            "version": self.engine.version,
+            "kind": self.engine.kind,
+        }
+
+
+class RayBackend:
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def run(self, req: Request) -> Result:
+        return await self.handle.options(multiplexed_model_id=str(req.client_id)).run.remote(req)
+
+    async def describe(self) -> dict:
+        return await self.handle.describe.remote()
+
+
+_STATE: list[AppState] = []  # this replica's state, set by Ingress.__init__
+
+
+def replica_state() -> AppState:
+    """Resolved per request inside the ingress replica (pickled by reference, read locally)."""
+    return _STATE[0]
+
+
+@serve.ingress(build_app(replica_state))
+class Ingress:
+    def __init__(self, personalizer: DeploymentHandle, options: ServeOptions) -> None:
+        tokens = TokenStore.load(options.tokens) if options.tokens else None
+        _STATE[:] = [AppState(RayBackend(personalizer), tokens, options.limits)]
+
+
+def build_application(options: ServeOptions):
+    """The bound Serve application for `serve.run`."""
+    if not (Path(options.run_dir) / "checkpoints" / "LATEST").is_file():
+        raise FileNotFoundError(f"{options.run_dir}: no committed training round to serve")
+    personalizer = serve.deployment(
+        num_replicas=options.replicas,
+        ray_actor_options={
+            "num_cpus": options.cpus_per_replica,
+            "num_gpus": options.gpus_per_replica,
+        },
+        max_ongoing_requests=max(64, options.max_batch_size * 4),
+    )(Personalizer).bind(options)
+    ingress = serve.deployment(ray_actor_options={"num_cpus": 0.1})(Ingress)
+    return ingress.bind(personalizer, options)
+
+
+def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
+    """Start Serve's HTTP proxy on host:port and deploy the app; returns the app handle."""
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_application(options), name="feddpa", route_prefix="/", blocking=blocking)

@@ -1,0 +1,90 @@
+"""HTTP request/response bodies (pydantic): our per-client API and the OpenAI-compatible subset."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["sample", "bank", "fixed", "global_only", "local_only"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(_Body):
+    instruction: str = Field(
+        ..., min_length=1, description="the input; may end with an OPTIONS: block"
+    )
+    options: list[str] | None = Field(
+        None, min_length=2, description="answer options (else parsed from the OPTIONS: block)"
+    )
+    weighting: Mode | None = Field(None, description="override the run's weighting mode")
+
+
+class Weights(BaseModel):
+    global_adapter: float
+    local_adapter: float
+
+
+class PredictResponse(BaseModel):
+    client_id: int
+    choice: str
+    options: list[str]
+    probs: list[float]
+    weights: Weights
+    version: str = Field(..., description="committed training round served (global and local)")
+
+
+class GenerateRequest(_Body):
+    prompt: str = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    weighting: Mode | None = None
+
+
+class GenerateResponse(BaseModel):
+    client_id: int
+    text: str
+    weights: Weights
+    version: str
+
+
+class ClientInfo(BaseModel):
+    client_id: int
+    model: str
+
+
+class ClientsResponse(BaseModel):
+    clients: list[ClientInfo]
+    version: str
+    model_kind: str
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # sampling knobs of OpenAI clients are accepted
+    model: str = Field(..., min_length=1, description="the client id, e.g. 'client-3' or '3'")
+    prompt: str = Field(..., min_length=1)
+    max_tokens: int | None = Field(16, ge=1, le=4096)
+    n: int = Field(1, ge=1, le=1)
+    stream: Literal[False] = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    n: int = Field(1, ge=1, le=1)
+    stream: Literal[False] = False
+
+
+class ErrorBody(BaseModel):
+    detail: str
