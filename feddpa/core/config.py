@@ -27,6 +27,9 @@ class ModelConfig(_Frozen):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     mc_scale: float = Field(20.0, gt=0, description="logit scale on cosine option scores")
     threads: int = Field(0, ge=0, description="torch threads; 0 keeps the default")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda if available"
+    )
 
 
 class LoraSettings(_Frozen):

@@ -45,7 +45,8 @@ def atomic_write_json(path: Path, obj: object) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(cpu, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)

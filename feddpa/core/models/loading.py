@@ -65,3 +65,11 @@ def lora_config(
         task_type="CAUSAL_LM" if model.kind == "causal_lm" else None,
         base_model_name_or_path=str(resolve_model_path(model.path)),
     )
+
+
+def resolve_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device is {cfg.device!r} but CUDA is not available here")
+    return torch.device(cfg.device)

@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from feddpa.core.adapters import LOCAL_ONLY, Mix, attach_dual_adapters, mixed
 from feddpa.core.config import LoraSettings, ModelConfig
-from feddpa.core.models.loading import lora_config, resolve_model_path, torch_dtype
+from feddpa.core.models.loading import lora_config, resolve_device, resolve_model_path, torch_dtype
 from feddpa.core.records import Example
 
 
@@ -69,10 +69,14 @@ class MultipleChoiceModel:
     def load(cls, cfg: ModelConfig, lora: LoraSettings) -> MultipleChoiceModel:
         path = resolve_model_path(cfg.path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModel.from_pretrained(path, dtype=torch_dtype(cfg))
+        base = AutoModel.from_pretrained(path, dtype=torch_dtype(cfg)).to(resolve_device(cfg))
         peft = attach_dual_adapters(base, lora_config(cfg, lora, base.config.model_type))
         peft.eval()
         return cls(peft, tokenizer, cfg.max_length, cfg.mc_scale)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.peft.parameters()).device
 
     def query_text(self, example: Example) -> str:
         return example.stem
@@ -81,7 +85,7 @@ class MultipleChoiceModel:
         """(N, H) mean-pooled final hidden states under `mix` (per-row weights allowed)."""
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        ).to(self.device)
         with mixed(self.peft, mix):
             hidden = self.peft(**batch).last_hidden_state  # (N, T, H)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -93,10 +97,10 @@ class MultipleChoiceModel:
         stems = F.normalize(self.encode([e.stem for e in examples], mix).float(), dim=-1)
         opts = F.normalize(self.encode(rows.texts, mix.rows(rows.owners)).float(), dim=-1)
         width = max(len(ids) for ids in rows.index)
-        out = torch.full((len(examples), width), float("-inf"))
+        out = torch.full((len(examples), width), float("-inf"), device=stems.device)
         for i, ids in enumerate(rows.index):
             out[i, : len(ids)] = self.scale * (opts[ids] @ stems[i])
-        return out, rows.targets
+        return out, rows.targets.to(stems.device)
 
     def loss(self, examples: list[Example], mix: Mix) -> torch.Tensor:
         logits, targets = self.logits(examples, mix)
@@ -108,13 +112,16 @@ class MultipleChoiceModel:
     @torch.no_grad()
     def represent(self, texts: list[str], local: Mix = LOCAL_ONLY) -> torch.Tensor:
         """(B, H) e(x) with the local adapter alone (`local` routes rows to local adapters)."""
-        return self.encode(texts, local).float()
+        return self.encode(texts, local).float().cpu()
 
     @torch.no_grad()
     def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
         """Per example: softmax over its options."""
         logits, _ = self.logits(examples, mix)
-        return [row[: len(ex.options)].softmax(0) for row, ex in zip(logits, examples, strict=True)]
+        return [
+            row[: len(ex.options)].softmax(0).cpu()
+            for row, ex in zip(logits, examples, strict=True)
+        ]
 
     @torch.no_grad()
     def score(self, examples: list[Example], mix: Mix) -> tuple[list[float], list[str]]:
