@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from feddpa.core.config import apply_overrides, build_config
+from feddpa.datasets import read_test
 from feddpa.orchestrator.checkpoint import Checkpoints
 from feddpa.orchestrator.executor import InProcessExecutor
 from feddpa.orchestrator.loop import evaluate, resumed_config, run_manifest
@@ -14,24 +15,36 @@ from feddpa.orchestrator.report import write_report
 ALLOWED = ("weighting.", "eval.batch_size", "eval.num_beams", "eval.max_new_tokens", "eval.causal")
 
 
-def reevaluate(run_dir: Path, overrides: list[str], out: Path | None) -> str:
-    for text in overrides:
-        if not text.startswith(ALLOWED):
-            raise ValueError(f"--set {text!r}: eval can only change {', '.join(ALLOWED)}")
-    cfg = resumed_config(run_dir)
-    cfg = build_config(apply_overrides(cfg.to_dict(), overrides), str(run_dir / "config.yaml"))
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
-    latest = ckpts.latest()
-    if latest is None:
-        raise FileNotFoundError(f"{run_dir} has no committed round to evaluate")
-    step = ckpts.state(latest)["completed_steps"] - 1
-    manifest = run_manifest(run_dir)
-    executor = InProcessExecutor(cfg, str(run_dir / "data"), manifest.client_ids, ckpts.root)
-    from feddpa.datasets import read_test
+class RunEvaluator:
+    """The latest committed round of a run, loaded once, evaluated under any weighting."""
 
-    test = read_test(str(run_dir / "data"), manifest)
-    record = evaluate(executor, cfg, manifest, test, step, ckpts.global_state(latest))
-    title = f"{cfg.method} ({record['weighting']}, weight on {cfg.weighting.weight_on})"
-    summary = {"final": record, "curve": [[step, record["avg"]["P"], record["avg"]["TTP"]]]}
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.cfg = resumed_config(run_dir)
+        ckpts = Checkpoints(run_dir / "checkpoints", self.cfg.keep_checkpoints)
+        latest = ckpts.latest()
+        if latest is None:
+            raise FileNotFoundError(f"{run_dir} has no committed round to evaluate")
+        self.step = ckpts.state(latest)["completed_steps"] - 1
+        self.manifest = run_manifest(run_dir)
+        data = str(run_dir / "data")
+        self.executor = InProcessExecutor(self.cfg, data, self.manifest.client_ids, ckpts.root)
+        self.test = read_test(data, self.manifest)
+        self.global_state = ckpts.global_state(latest)
+
+    def evaluate(self, overrides: list[str]) -> dict:
+        for text in overrides:
+            if not text.startswith(ALLOWED):
+                raise ValueError(f"--set {text!r}: eval can only change {', '.join(ALLOWED)}")
+        origin = str(self.run_dir / "config.yaml")
+        cfg = build_config(apply_overrides(self.cfg.to_dict(), overrides), origin)
+        return evaluate(self.executor, cfg, self.manifest, self.test, self.step, self.global_state)
+
+
+def reevaluate(run_dir: Path, overrides: list[str], out: Path | None) -> str:
+    runner = RunEvaluator(run_dir)
+    record = runner.evaluate(overrides)
+    title = f"{runner.cfg.method} ({record['weighting']})"
+    summary = {"final": record, "curve": [[runner.step, record["avg"]["P"], record["avg"]["TTP"]]]}
     table = write_report({title: summary}, out or run_dir / "results-eval", title)
-    return f"{title} — round {step}\n\n{table}"
+    return f"{title}, overrides {overrides or 'none'} — round {runner.step}\n\n{table}"
