@@ -23,6 +23,7 @@ MC_TASKS = ("routing_acme", "routing_globex", "sentiment_movies", "animal_class"
 CAUSAL_TASKS = ("sentiment_movies", "routing_acme")
 
 _RUNS: dict[str, Path] = {}
+_ENGINES: dict[str, object] = {}
 
 
 def mc_config() -> ExperimentConfig:
@@ -32,9 +33,9 @@ def mc_config() -> ExperimentConfig:
             "seed": 5,
             "method": "feddpa_t",
             "model": {"kind": "multiple_choice", "max_length": 32, "threads": 1},
-            "data": {"tasks": list(MC_TASKS), "train_per_task": 12, "test_per_task": 4},
+            "data": {"tasks": list(MC_TASKS), "train_per_task": 6, "test_per_task": 2},
             "federation": {"rounds": 2},
-            "train": {"batch_size": 12, "micro_batch_size": 12, "lr": 1e-3},
+            "train": {"batch_size": 6, "micro_batch_size": 6, "lr": 2e-3},
             "eval": {"every": 0, "final": False, "batch_size": 32},
         }
     )
@@ -101,6 +102,27 @@ def causal_run(factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
                 causal_config(llama_dir), factory.mktemp("serve_causal") / "run"
             )
     return _RUNS["causal"]
+
+
+def mc_engine(factory: pytest.TempPathFactory):
+    """A `ServingEngine` over `mc_run`, shared by the test modules (its answers do not depend on
+    what it has cached, so sharing it is safe)."""
+    from feddpa.serving.engine import ServingEngine
+
+    if "mc_engine" not in _ENGINES:
+        with torch_threads(1):
+            _ENGINES["mc_engine"] = ServingEngine(mc_run(factory))
+    return _ENGINES["mc_engine"]
+
+
+def causal_engine(factory: pytest.TempPathFactory, llama_dir: Path):
+    """A `ServingEngine` over `causal_run`, shared like `mc_engine`."""
+    from feddpa.serving.engine import ServingEngine
+
+    if "causal_engine" not in _ENGINES:
+        with torch_threads(1):
+            _ENGINES["causal_engine"] = ServingEngine(causal_run(factory, llama_dir))
+    return _ENGINES["causal_engine"]
 
 
 def latest_round(run_dir: Path) -> Path:

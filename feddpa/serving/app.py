@@ -82,7 +82,8 @@ Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 def parse_client(text: str) -> int:
     """'3', 'client-3' or 'client_00003' -> 3."""
     digits = text.removeprefix("client").lstrip("-_")
-    if not digits.isdigit():
+    # isdigit() alone admits '²' and ids past int()'s 4300-digit limit: both made int() raise (500)
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
         raise HTTPException(404, f"unknown client {text!r}: use an id from GET /v1/clients")
     return int(digits)
 

@@ -77,7 +77,7 @@ class ServingEngine:
         self.slots: OrderedDict[int, ClientSlot] = OrderedDict()
         self.version = ""
         self.clients: list[int] = []
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: run_batch and validate call slot/refresh
         if not self.refresh():
             raise FileNotFoundError(f"{self.run_dir}: no committed round to serve yet")
 
@@ -87,20 +87,21 @@ class ServingEngine:
 
     def refresh(self) -> bool:
         """Switch to the newest committed round if training moved on; True if one is loaded."""
-        latest = latest_checkpoint(self.run_dir / "checkpoints")
-        if latest is None:
-            return bool(self.version)
-        if latest.name != self.version:
-            import json
+        with self.lock:  # never swap the global or evict under a running batch
+            latest = latest_checkpoint(self.run_dir / "checkpoints")
+            if latest is None:
+                return bool(self.version)
+            if latest.name != self.version:
+                import json
 
-            state = json.loads((latest / "state.json").read_text())
-            load_adapter_state(self.model.peft, GLOBAL, load_adapter(latest / "global"))
-            for cid in list(self.slots):
-                self._evict(cid)
-            self.clients = sorted(state["clients"])
-            self.version, self.checkpoint = latest.name, latest
-            log.info("serving %s (%d clients)", latest.name, len(self.clients))
-        return True
+                state = json.loads((latest / "state.json").read_text())
+                load_adapter_state(self.model.peft, GLOBAL, load_adapter(latest / "global"))
+                for cid in list(self.slots):
+                    self._evict(cid)
+                self.clients = sorted(state["clients"])
+                self.version, self.checkpoint = latest.name, latest
+                log.info("serving %s (%d clients)", latest.name, len(self.clients))
+            return True
 
     def _evict(self, cid: int) -> None:
         slot = self.slots.pop(cid)
@@ -109,24 +110,27 @@ class ServingEngine:
 
     def slot(self, cid: int) -> ClientSlot:
         """The client's cached slot, loading its local adapter + bank on a miss (LRU)."""
-        if cid in self.slots:
-            self.slots.move_to_end(cid)
+        with self.lock:  # Serve warms slots from the event loop while a batch runs
+            if cid in self.slots:
+                self.slots.move_to_end(cid)
+                return self.slots[cid]
+            if cid not in self.clients:
+                raise UnknownClient(cid)
+            start = time.perf_counter()
+            cdir = self.checkpoint / "clients" / f"client_{cid:05d}"
+            name = f"client_{cid:05d}"
+            has_local = (cdir / "local").is_dir()
+            if has_local:
+                self.model.peft.add_adapter(name, self.lora_config)  # type: ignore[operator]
+                load_adapter_state(self.model.peft, name, load_adapter(cdir / "local"))
+                self.model.peft.eval()  # new adapter modules start in training mode (dropout on)
+            bank = (
+                load_bank(cdir / "bank.safetensors")
+                if (cdir / "bank.safetensors").is_file()
+                else None
+            )
+            self.slots[cid] = ClientSlot(cid, name, bank, has_local, time.perf_counter() - start)
             return self.slots[cid]
-        if cid not in self.clients:
-            raise UnknownClient(cid)
-        start = time.perf_counter()
-        cdir = self.checkpoint / "clients" / f"client_{cid:05d}"
-        name = f"client_{cid:05d}"
-        has_local = (cdir / "local").is_dir()
-        if has_local:
-            self.model.peft.add_adapter(name, self.lora_config)  # type: ignore[operator]
-            load_adapter_state(self.model.peft, name, load_adapter(cdir / "local"))
-            self.model.peft.eval()  # new adapter modules start in training mode (dropout on)
-        bank = (
-            load_bank(cdir / "bank.safetensors") if (cdir / "bank.safetensors").is_file() else None
-        )
-        self.slots[cid] = ClientSlot(cid, name, bank, has_local, time.perf_counter() - start)
-        return self.slots[cid]
 
     def shrink(self) -> None:
         """Evict least recently used clients beyond the capacity (never during a batch)."""

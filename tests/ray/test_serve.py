@@ -1,0 +1,139 @@
+"""The Ray Serve application over HTTP on 127.0.0.1: concurrent requests of several clients equal
+the in-process engine, the unmodified `openai` client works against it, and bearer tokens scope
+every client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+import torch
+from serving_fixtures import free_port, mc_engine, mc_run, torch_threads
+
+from feddpa.core.records import Example, format_options
+from feddpa.serving.auth import create_tokens
+from feddpa.serving.engine import Request
+
+pytestmark = pytest.mark.ray
+
+ITEMS = [
+    ("Route this ticket: I was charged twice", ["billing team", "tech support", "logistics"]),
+    ("Is this review positive? A dull, endless film", ["positive", "negative"]),
+    ("Which class is a salmon?", ["mammal", "bird", "fish", "insect"]),
+]
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    tokens: dict
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory) -> Iterator[Served]:
+    from ray import serve
+
+    from feddpa.serving.deployment import ServeOptions, start
+
+    run_dir = mc_run(tmp_path_factory)
+    tokens_file = tmp_path_factory.mktemp("serve_tokens") / "tokens.json"
+    tokens = create_tokens([0, 1, 2, 3], tokens_file)
+    port = free_port()
+    options = ServeOptions(
+        run_dir=str(run_dir), cpus_per_replica=0.5, tokens=str(tokens_file), batch_wait_s=0.05
+    )
+    try:
+        start(options, host="127.0.0.1", port=port)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(f"{url}/healthz", timeout=10).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the Serve app did not become healthy in 60 s"
+            time.sleep(0.5)
+        yield Served(url, tokens, run_dir)
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    with torch_threads(1):
+        yield mc_engine(tmp_path_factory)
+
+
+def in_process(engine, cid: int, stem: str, options: list[str]):
+    example = Example(format_options(stem, options), options[0], "request")
+    with torch_threads(1):
+        return engine.run_batch([Request(cid, example)])[0]
+
+
+def predict(url: str, token: str, cid: int, stem: str, options: list[str]) -> httpx2.Response:
+    return httpx2.post(
+        f"{url}/v1/clients/{cid}/predict",
+        json={"instruction": stem, "options": options},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    )
+
+
+def test_concurrent_predictions_of_two_clients_equal_the_engine(served, engine):
+    jobs = [(cid, stem, opts) for cid in (1, 2) for stem, opts in ITEMS]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        responses = list(
+            pool.map(lambda job: predict(served.url, served.tokens["admin"], *job), jobs)
+        )
+    for (cid, stem, opts), r in zip(jobs, responses, strict=True):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = in_process(engine, cid, stem, opts)
+        assert body["client_id"] == cid and body["options"] == opts
+        assert body["version"] == want.version == "round_00001"
+        torch.testing.assert_close(
+            torch.tensor(body["probs"]), torch.tensor(want.probs), rtol=0, atol=1e-5
+        )
+        assert body["choice"] == want.choice
+        assert body["weights"]["global_adapter"] == pytest.approx(want.global_weight, abs=1e-6)
+
+
+def test_openai_client_against_serve(served, engine):
+    oa = openai.OpenAI(
+        base_url=f"{served.url}/v1", api_key=served.tokens["clients"]["2"], max_retries=0
+    )
+    stem, opts = ITEMS[0]
+    want = in_process(engine, 2, stem, opts).choice
+    completion = oa.completions.create(model="client-2", prompt=format_options(stem, opts))
+    assert completion.choices[0].text == want
+    chat = oa.chat.completions.create(
+        model="client-2", messages=[{"role": "user", "content": format_options(stem, opts)}]
+    )
+    assert chat.choices[0].message.content == want
+    assert [m.id for m in oa.models.list()] == ["client-2"]
+    with pytest.raises(openai.PermissionDeniedError):
+        oa.completions.create(model="client-1", prompt=format_options(stem, opts))
+
+
+def test_client_token_opens_its_own_client_only(served):
+    stem, opts = ITEMS[1]
+    own = served.tokens["clients"]["1"]
+    assert predict(served.url, own, 1, stem, opts).status_code == 200
+    r = predict(served.url, own, 2, stem, opts)
+    assert r.status_code == 403 and "client 1 only" in r.json()["detail"]
+    assert predict(served.url, "not-a-token", 1, stem, opts).status_code == 401
+    r = httpx2.post(
+        f"{served.url}/v1/clients/1/predict", json={"instruction": stem, "options": opts}
+    )
+    assert r.status_code == 401
+    r = httpx2.get(f"{served.url}/v1/clients", headers={"Authorization": f"Bearer {own}"})
+    assert [c["client_id"] for c in r.json()["clients"]] == [1]
+    assert predict(served.url, served.tokens["admin"], 7, stem, opts).status_code == 404

@@ -1,0 +1,347 @@
+"""The serving engine against the in-process evaluator path (`ClientHost` + `instance_mix` +
+the task model): per-request weighting modes, mixed-client batches, causal generation, the LRU of
+client adapters, roll-out of a newly committed round, and the errors it raises."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from serving_fixtures import (
+    Reference,
+    causal_engine,
+    causal_run,
+    latest_round,
+    mc_engine,
+    mc_run,
+    torch_threads,
+)
+
+from feddpa.core.config import load_config
+from feddpa.core.models.loading import lora_config
+from feddpa.core.records import Example, format_options
+from feddpa.core.storage import load_adapter
+from feddpa.datasets import read_manifest, read_test
+from feddpa.orchestrator.checkpoint import Checkpoints
+from feddpa.serving.engine import Request, ServingEngine, UnknownClient
+
+MODES = ["bank", "fixed", "global_only", "local_only", "sample"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return mc_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def engine(run, tmp_path_factory) -> ServingEngine:
+    return mc_engine(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(run) -> Reference:
+    return Reference(run)
+
+
+@pytest.fixture(scope="module")
+def items(run) -> dict[str, list[Example]]:
+    """Test items of the run by task."""
+    data = str(run / "data")
+    by_task: dict[str, list[Example]] = {}
+    for ex in read_test(data, read_manifest(data)):
+        by_task.setdefault(ex.task, []).append(ex)
+    return by_task
+
+
+@pytest.fixture(scope="module")
+def client_items(run, items) -> dict[int, list[Example]]:
+    """Per client: one item of its own task and one of another task."""
+    manifest = read_manifest(str(run / "data"))
+    tasks = sorted(items)
+    out = {}
+    for info in manifest.clients:
+        own = sorted(info.tasks)[0]
+        other = tasks[(tasks.index(own) + 1) % len(tasks)]
+        out[info.client_id] = [items[own][0], items[other][1]]
+    return out
+
+
+def serve_one(engine: ServingEngine, req: Request):
+    return engine.run_batch([req])[0]
+
+
+def assert_same(a, b) -> None:
+    """Two results of the same request: probabilities, weights and choice agree."""
+    torch.testing.assert_close(torch.tensor(a.probs), torch.tensor(b.probs), rtol=0, atol=ATOL)
+    assert a.global_weight == pytest.approx(b.global_weight, abs=1e-6)
+    assert a.local_weight == pytest.approx(b.local_weight, abs=1e-6)
+    assert a.choice == b.choice and a.version == b.version
+
+
+# --- the engine equals the in-process evaluator -----------------------------------------------------
+
+
+def test_run_serves_four_clients_with_local_adapters_and_banks(engine):
+    assert engine.kind == "multiple_choice"
+    assert engine.clients == [0, 1, 2, 3]
+    assert engine.version == "round_00001"
+    assert engine.weighting.mode == "bank"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_predict_equals_in_process_evaluator(engine, reference, client_items, mode):
+    weights = set()
+    for cid, examples in client_items.items():
+        ex = examples[cid % 2]  # own-task item for even clients, another task's for odd ones
+        got = serve_one(engine, Request(cid, ex, "predict", mode))
+        probs, global_w = reference.probs(cid, ex, mode)
+        torch.testing.assert_close(torch.tensor(got.probs), probs, rtol=0, atol=ATOL)
+        assert got.global_weight == pytest.approx(global_w, abs=1e-6)
+        assert got.local_weight == pytest.approx(1 - global_w, abs=1e-6)
+        assert got.choice == ex.options[int(probs.argmax())]
+        assert sum(got.probs) == pytest.approx(1.0, abs=1e-5)
+        weights.add(round(got.global_weight, 6))
+    expected = {"fixed": {0.5}, "global_only": {1.0}, "local_only": {0.0}}
+    if mode in expected:
+        assert weights == expected[mode]
+    else:  # instance-wise: λ·mean cos (λ = 0.5), different per item
+        assert len(weights) > 1 and all(abs(w) <= 0.5 for w in weights)
+
+
+def test_default_mode_is_the_runs_weighting(engine, client_items):
+    ex = client_items[2][0]
+    assert_same(
+        serve_one(engine, Request(2, ex, "predict")),
+        serve_one(engine, Request(2, ex, "predict", "bank")),
+    )
+
+
+def test_sample_mode_is_seeded_per_client_and_instruction(engine, client_items):
+    ex = client_items[1][0]
+    first = serve_one(engine, Request(1, ex, "predict", "sample"))
+    again = serve_one(engine, Request(1, ex, "predict", "sample"))
+    assert first.probs == again.probs and first.global_weight == again.global_weight
+
+
+def test_mixed_client_batch_equals_each_request_alone(engine, client_items):
+    requests = [
+        Request(0, client_items[0][0], "predict", "bank"),
+        Request(1, client_items[1][0], "predict", "sample"),
+        Request(2, client_items[2][1], "predict", "fixed"),
+        Request(0, client_items[0][1], "predict", None),
+        Request(3, client_items[3][0], "predict", "local_only"),
+        Request(1, client_items[0][0], "predict", "global_only"),
+        Request(3, client_items[1][1], "predict", "bank"),
+    ]
+    batch = engine.run_batch(requests)
+    assert [r.client_id for r in batch] == [r.client_id for r in requests]
+    for req, got in zip(requests, batch, strict=True):
+        assert_same(got, serve_one(engine, req))
+    # the same item served for two clients differs: each row used its own local adapter
+    a = engine.run_batch([Request(0, client_items[0][0], "predict", "local_only")])[0]
+    b = engine.run_batch([Request(1, client_items[0][0], "predict", "local_only")])[0]
+    assert max(abs(x - y) for x, y in zip(a.probs, b.probs, strict=True)) > 1e-4
+
+
+def test_options_are_parsed_from_the_request_text(engine):
+    ex = Example(
+        format_options("Route: my invoice is wrong", ["billing team", "logistics"]), "", "r"
+    )
+    got = serve_one(engine, Request(0, ex, "predict"))
+    assert len(got.probs) == 2 and got.choice in ("billing team", "logistics")
+
+
+# --- causal LM: greedy generation -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def causal(tmp_path_factory, tiny_llama_dir) -> tuple[ServingEngine, Reference]:
+    run_dir = causal_run(tmp_path_factory, tiny_llama_dir)
+    return causal_engine(tmp_path_factory, tiny_llama_dir), Reference(run_dir)
+
+
+PROMPTS = [
+    "Write a greeting.",
+    "Route this ticket: my parcel never arrived and the tracking page shows nothing at all.",
+    "Is the movie good?",
+    "Tell me something about cats and dogs, briefly.",
+]
+
+
+def test_generation_single_and_mixed_batch_equal_in_process_generate(causal):
+    engine, reference = causal
+    assert engine.kind == "causal_lm" and engine.clients == [0, 1]
+    requests = [
+        Request(cid, Example(p, "", "request"), "generate", mode)
+        for cid, p, mode in [
+            (0, PROMPTS[0], None),
+            (1, PROMPTS[1], "sample"),
+            (0, PROMPTS[2], "fixed"),
+            (1, PROMPTS[3], None),
+            (1, PROMPTS[0], "local_only"),
+        ]
+    ]
+    singles = [serve_one(engine, r) for r in requests]
+    batch = engine.run_batch(requests)
+    for req, one, many in zip(requests, singles, batch, strict=True):
+        assert one.text == many.text
+        assert one.global_weight == pytest.approx(many.global_weight, abs=1e-6)
+        text, global_w = reference.generate(req.client_id, req.example, req.mode)
+        assert one.text == text
+        assert one.global_weight == pytest.approx(global_w, abs=1e-6)
+    assert any(r.text for r in batch), "the tiny model generated nothing: the check is vacuous"
+
+
+def test_causal_option_scores_equal_in_process(causal):
+    engine, reference = causal
+    ex = Example(format_options("Is the movie good?", ["positive", "negative"]), "", "request")
+    other = Example(format_options("Route it", ["billing team", "logistics", "x"]), "", "r")
+    batch = engine.run_batch(
+        [Request(0, ex, "predict"), Request(1, other, "predict"), Request(1, ex, "predict")]
+    )
+    for cid, item, got in ((0, ex, batch[0]), (1, other, batch[1]), (1, ex, batch[2])):
+        probs, global_w = reference.probs(cid, item)
+        torch.testing.assert_close(torch.tensor(got.probs), probs, rtol=0, atol=ATOL)
+        assert got.global_weight == pytest.approx(global_w, abs=1e-6)
+
+
+def test_generate_max_new_tokens_truncates(causal):
+    engine, _ = causal
+    ex = Example(PROMPTS[1], "", "request")
+    full = serve_one(engine, Request(0, ex, "generate"))
+    short = serve_one(engine, Request(0, ex, "generate", None, 1))
+    ids = engine.model.tokenizer(short.text, add_special_tokens=False)["input_ids"]
+    assert len(ids) <= 1 and full.text.startswith(short.text)
+
+
+# --- LRU of client adapters -------------------------------------------------------------------------
+
+
+def test_lru_keeps_capacity_clients_and_deletes_evicted_adapters(run, engine, client_items):
+    small = ServingEngine(run, capacity=2)
+    for cid in (0, 1, 2):
+        serve_one(small, Request(cid, client_items[cid][0], "predict"))
+    assert list(small.slots) == [1, 2]
+    adapters = set(small.model.peft.peft_config)
+    assert "client_00000" not in adapters and {"client_00001", "client_00002"} <= adapters
+    serve_one(small, Request(1, client_items[1][0], "predict"))  # 1 becomes most recent
+    serve_one(small, Request(3, client_items[3][0], "predict"))
+    assert list(small.slots) == [1, 3]
+    assert "client_00002" not in small.model.peft.peft_config
+
+    requests = [Request(cid, client_items[cid][1], "predict") for cid in (0, 1, 2, 3, 0)]
+    batch = small.run_batch(requests)  # more distinct clients than the capacity
+    assert len(small.slots) == 2
+    assert sum(name.startswith("client_") for name in small.model.peft.peft_config) == 2
+    for req, got in zip(requests, batch, strict=True):
+        assert_same(got, serve_one(engine, req))
+
+
+# --- roll-out of a new committed round --------------------------------------------------------------
+
+
+def commit_scaled_global(run_dir: Path, factor: float) -> Path:
+    """Commit round N+1 by hand: the previous global adapter with lora_B scaled by `factor`."""
+    cfg = load_config(run_dir / "config.yaml")
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
+    previous = ckpts.latest()
+    assert previous is not None
+    state = ckpts.state(previous)
+    step = state["completed_steps"]
+    new_global = {
+        k: v * factor if ".lora_B." in k else v
+        for k, v in load_adapter(previous / "global").items()
+    }
+    state = {**state, "completed_steps": step + 1}
+    return ckpts.commit(
+        step, ckpts.stage(step), new_global, lora_config(cfg.model, cfg.lora), state, {}
+    )
+
+
+def assert_waits_for_running_batch(live: ServingEngine, version: str) -> None:
+    """While a batch holds the engine (run_batch runs in a worker thread; Serve's `describe` and
+    `load_client` call in from the event loop), roll-out and client loading wait for it."""
+    for call, unchanged in (
+        (threading.Thread(target=live.refresh), lambda: live.version == version),
+        (threading.Thread(target=live.slot, args=(3,)), lambda: 3 not in live.slots),
+    ):
+        with live.lock:
+            call.start()
+            time.sleep(0.2)
+            assert unchanged()
+        call.join(timeout=30)
+        assert not unchanged()
+
+
+def test_new_round_is_rolled_out_at_the_next_batch(run, client_items, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    live = ServingEngine(copy)
+    ex = client_items[2][0]
+    before = live.run_batch([Request(0, client_items[0][0]), Request(1, client_items[1][0])])
+    old = serve_one(live, Request(2, ex, "predict", "fixed"))
+    assert old.version == before[0].version == "round_00001"
+    assert set(live.slots) == {0, 1, 2}
+
+    committed = commit_scaled_global(copy, 3.0)
+    assert committed.name == "round_00002" and latest_round(copy) == committed
+    new = serve_one(live, Request(2, ex, "predict", "fixed"))
+    assert new.version == "round_00002"
+    assert max(abs(a - b) for a, b in zip(new.probs, old.probs, strict=True)) > 1e-4
+    assert list(live.slots) == [2]  # cached clients were dropped with the old round
+    assert not {"client_00000", "client_00001"} & set(live.model.peft.peft_config)
+
+    probs, global_w = Reference(copy, committed).probs(2, ex, "fixed")
+    torch.testing.assert_close(torch.tensor(new.probs), probs, rtol=0, atol=ATOL)
+    assert new.global_weight == pytest.approx(global_w)
+
+    commit_scaled_global(copy, 1.0)
+    assert_waits_for_running_batch(live, "round_00002")
+    assert live.version == "round_00003" and list(live.slots) == [3]
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+def test_unknown_client_raises(engine, client_items):
+    ex = client_items[0][0]
+    with pytest.raises(UnknownClient):
+        engine.run_batch([Request(99, ex)])
+    with pytest.raises(UnknownClient):
+        engine.validate(Request(-1, ex))
+    assert serve_one(engine, Request(0, ex)).probs  # the engine still serves afterwards
+
+
+def test_generate_on_a_multiple_choice_run_is_refused(engine, client_items):
+    with pytest.raises(ValueError, match="multiple_choice"):
+        engine.validate(Request(0, client_items[0][0], "generate"))
+    with pytest.raises(ValueError, match="OPTIONS"):
+        engine.validate(Request(0, Example("no options here", "", "request"), "predict"))
+    engine.validate(Request(0, client_items[0][0], "predict"))
+
+
+def test_bank_mode_without_banks_is_refused(run, client_items, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for bank in latest_round(copy).rglob("bank.safetensors"):
+        bank.unlink()
+    no_banks = ServingEngine(copy)
+    ex = client_items[0][0]
+    for mode in ("bank", "sample", None):
+        with pytest.raises(ValueError, match="no representation bank: use mode fixed"):
+            no_banks.validate(Request(0, ex, "predict", mode))
+        with pytest.raises(ValueError, match="no representation bank"):
+            no_banks.run_batch([Request(0, ex, "predict", mode)])
+    assert serve_one(no_banks, Request(0, ex, "predict", "fixed")).global_weight == 0.5
