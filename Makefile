@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/feddpa train --config configs/default.yaml --run-dir runs/default-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/feddpa train --config configs/default.yaml --ray local --run-dir runs/default-$$(date +%Y%m%d-%H%M%S)
 
 lint: setup
 	$(BIN)/ruff check feddpa tests benchmarks

@@ -4,7 +4,6 @@ evaluation, commits) and the client actors. The CLI process only starts it and s
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import ray
@@ -22,6 +21,7 @@ RAY_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
     "TQDM_DISABLE": "1",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
 }
 
 
@@ -71,19 +71,17 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, address:
     driver = driver_cls.remote(cfg, str(run_dir.resolve()), resume)
     ref = driver.run.remote()
     steps = total_steps(cfg)
+    shown: dict = {}
     with tqdm(total=steps, desc="rounds", unit="round") as bar:
-        while True:
-            ready, _ = ray.wait([ref], timeout=0.5)
-            p = ray.get(driver.progress.remote())
-            if p.get("step", -1) >= 0:
-                bar.n = p["step"]
-                bar.set_postfix_str(f"clients {p['done']}/{p['sampled']} failed {p['failed']}")
-                bar.refresh()
-            if ready:
-                bar.n = steps
-                bar.refresh()
-                break
-            time.sleep(0.5)
+        while not ray.wait([ref], timeout=1.0)[0]:
+            progress = ray.get(driver.progress.remote())
+            if progress != shown and progress.get("step", -1) >= 0:
+                shown = progress
+                bar.n = progress["step"]
+                done, sampled, failed = progress["done"], progress["sampled"], progress["failed"]
+                bar.set_postfix_str(f"clients {done}/{sampled} failed {failed}")
+        bar.n = steps
+        bar.refresh()
     result = ray.get(ref)
     ray.kill(driver)
     return result
