@@ -38,11 +38,10 @@ class RunningAverage:
                 f"update tensor {reshaped[0]!r} has a different shape than earlier updates"
             )
         for key, value in state.items():
-            term = value.detach().to(torch.float64) * weight
-            if key in self._sum:
-                self._sum[key] += term
+            if key in self._sum:  # in place, no temporaries: sum += weight * value (in float64)
+                self._sum[key].add_(value.detach(), alpha=weight)
             else:
-                self._sum[key] = term.clone()
+                self._sum[key] = value.detach().to(torch.float64) * weight
                 self._dtypes[key] = value.dtype
         self.total_weight += weight
         self.count += 1

@@ -6,6 +6,7 @@ A client whose actor dies, or that misses the round timeout, is reported as fail
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -16,7 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from feddpa.actors.host import FitResult
-from feddpa.actors.ray_actor import client_actor_class
+from feddpa.actors.ray_actor import client_actor_class, from_wire, to_wire
 from feddpa.core.config import ExperimentConfig
 from feddpa.core.evaluation import ItemScores
 from feddpa.orchestrator.executor import hosted_ids
@@ -106,24 +107,27 @@ class RayExecutor:
 
     def fit(self, step, client_ids, global_state, stage) -> Iterator[FitResult]:
         self._await_restarts()
-        ref = ray.put(global_state)
+        ref = ray.put(to_wire(global_state))
         pending = {self.owner[c].fit.remote(c, step, ref, str(stage)): c for c in client_ids}
-        yield from self._gather(pending, step, "fit")
+        for result in self._gather(pending, step, "fit"):
+            if result.global_state is not None:
+                result = dataclasses.replace(result, global_state=from_wire(result.global_state))
+            yield result
 
     def evaluate(
         self, step, client_ids, global_state, weighting
     ) -> Iterator[tuple[int, ItemScores]]:
         self._await_restarts()
-        ref = ray.put(global_state)
+        ref = ray.put(to_wire(global_state))
         pending = {self.owner[c].evaluate.remote(c, ref, step, weighting): c for c in client_ids}
         yield from self._gather(pending, step, "evaluate")
 
     def evaluate_global(self, global_state) -> ItemScores:
         self._await_restarts()
-        return ray.get(self.actors[0].evaluate_global.remote(global_state))
+        return ray.get(self.actors[0].evaluate_global.remote(to_wire(global_state)))
 
     def initial_global(self):
-        return ray.get(self.actors[0].initial_global.remote())
+        return from_wire(ray.get(self.actors[0].initial_global.remote()))
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors])
