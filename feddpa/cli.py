@@ -161,6 +161,10 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="feddpa",
@@ -172,13 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a method and evaluate it (writes a run directory)")
     p.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults if omitted")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set federation.rounds=5 (repeatable)",
-    )
+    add_set(p, "override a config key, e.g. --set federation.rounds=5 (repeatable)")
     p.add_argument(
         "--run-dir", help="where to write the run (default: OUTPUT_DIR/NAME-METHOD-TIME)"
     )
@@ -197,13 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="re-evaluate a run's latest checkpoint (optionally with another weighting)"
     )
     p.add_argument("run_dir")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override weighting.* or eval.* keys, e.g. --set weighting.mode=sample",
-    )
+    add_set(p, "override weighting.* or eval.* keys, e.g. --set weighting.mode=sample")
     p.add_argument(
         "--out", help="directory for the tables and plots (default: RUN_DIR/results-eval)"
     )
@@ -234,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare", help="write client shards + manifest for a config's data section"
     )
     q.add_argument("--config")
-    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_set(q, "override a config key (repeatable)")
     q.add_argument("--out", required=True, help="new directory for the shards")
     q = dsub.add_parser("inspect", help="summarise a shard directory's manifest")
     q.add_argument("dir")

@@ -75,6 +75,9 @@ class Metrics:
         )
 
 
+ERROR_RESPONSES: dict[int | str, dict] = {
+    code: {"model": s.ErrorBody} for code in (401, 403, 404, 413, 503)
+}
 bearer = HTTPBearer(auto_error=False)
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
@@ -209,13 +212,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
     @app.post(
         "/v1/clients/{client_id}/predict",
         response_model=s.PredictResponse,
-        responses={
-            401: {"model": s.ErrorBody},
-            403: {"model": s.ErrorBody},
-            404: {"model": s.ErrorBody},
-            413: {"model": s.ErrorBody},
-            503: {"model": s.ErrorBody},
-        },
+        responses=ERROR_RESPONSES,
     )
     async def predict(
         client_id: int,
@@ -241,13 +238,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
     @app.post(
         "/v1/clients/{client_id}/generate",
         response_model=s.GenerateResponse,
-        responses={
-            401: {"model": s.ErrorBody},
-            403: {"model": s.ErrorBody},
-            404: {"model": s.ErrorBody},
-            413: {"model": s.ErrorBody},
-            503: {"model": s.ErrorBody},
-        },
+        responses=ERROR_RESPONSES,
     )
     async def generate(
         client_id: int,
