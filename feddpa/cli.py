@@ -124,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_dir=str(run_dir),
         capacity=args.capacity,
         replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
         max_batch_size=args.max_batch_size,
         tokens=str(Path(args.tokens).resolve()) if args.tokens else None,
         limits=Limits(max_queue=args.max_queue),
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tokens", help="tokens file of hashes (feddpa tokens); without it auth is off")
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="for runs trained on GPU")
     p.add_argument("--capacity", type=int, default=128, help="clients resident per replica (LRU)")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=256, help="in-flight requests before 503")

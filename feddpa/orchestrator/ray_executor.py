@@ -14,7 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import ray
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+)
 
 from feddpa.actors.host import FitResult
 from feddpa.actors.ray_actor import client_actor_class, from_wire, to_wire
@@ -79,7 +85,7 @@ class RayExecutor:
                 self.transfer_s += time.perf_counter() - t0
                 self.progress["done"] += 1
                 yield value
-            except (RayActorError, RayTaskError, GetTimeoutError) as err:
+            except (RayActorError, RayTaskError, GetTimeoutError, ObjectLostError) as err:
                 self._fail(step, cid, what, f"{type(err).__name__}: {str(err).splitlines()[0]}")
 
     def _await_restarts(self) -> None:
