@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 Summary = dict  # {"final": eval record, "curve": [[round, P, TTP], ...]}
 
@@ -80,6 +81,7 @@ def plot_curves(summaries: dict[str, Summary], path: Path) -> None:
             xs = [r[0] + 1 for r in s["curve"]]
             ax.plot(xs, [100 * r[idx] for r in s["curve"]], marker="o", label=method)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score (%)")
