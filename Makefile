@@ -11,7 +11,9 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
 .PHONY: setup run test lint typecheck unit clean
 
-setup: $(STAMP)
+DS_OPS := $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/deepspeed_shm_comm.so
+
+setup: $(STAMP) $(DS_OPS)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,12 +23,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
+# DeepSpeed's CPU comm op JIT-compiles on first use (25 s quiet, minutes on a busy box): build it
+# once here so no actor or test pays for it. The engine uses torch AdamW: no cpu_adam to build.
+$(DS_OPS): $(STAMP) scripts/warm_deepspeed.py
+	$(BIN)/python scripts/warm_deepspeed.py
+	touch -c $@
+
 run: setup
 	$(BIN)/feddpa train --config configs/default.yaml --ray local --run-dir runs/default-$$(date +%Y%m%d-%H%M%S)
 
 lint: setup
-	$(BIN)/ruff check feddpa tests benchmarks
-	$(BIN)/ruff format --check feddpa tests benchmarks
+	$(BIN)/ruff check feddpa tests benchmarks scripts
+	$(BIN)/ruff format --check feddpa tests benchmarks scripts
 
 typecheck: setup
 	$(BIN)/mypy feddpa

@@ -15,15 +15,9 @@ from pathlib import Path
 
 import torch
 
+from feddpa.actors.engine import build_engine, write_deepspeed_config
 from feddpa.core import algorithms
-from feddpa.core.adapters import (
-    GLOBAL,
-    LOCAL,
-    AdapterState,
-    adapter_state,
-    fresh_adapter_state,
-    load_adapter_state,
-)
+from feddpa.core.adapters import GLOBAL, LOCAL, AdapterState
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import ItemScores, representation_bank, score_items
 from feddpa.core.models import TaskModel, build_task_model
@@ -80,6 +74,9 @@ class ClientHost:
         self.manifest = read_manifest(data_dir)
         self.data_dir = data_dir
         self.model: TaskModel = build_task_model(cfg.model, cfg.lora, cfg.eval)
+        self.engine = build_engine(cfg, self.model)  # adapter I/O goes through it (ZeRO-3 gathers)
+        if cfg.engine.kind == "deepspeed" and checkpoints is not None:
+            write_deepspeed_config(cfg, checkpoints.parent)
         self.lora_config = lora_config(cfg.model, cfg.lora)
         self.weighting = algorithms.eval_weighting(cfg)
         self.clients: dict[int, ClientState] = {}
@@ -120,14 +117,14 @@ class ClientHost:
     def _local(self, cid: int) -> AdapterState:
         state = self.clients[cid]
         if state.local is None:
-            state.local = fresh_adapter_state(
-                self.model.peft, algorithms.derive_seed(self.cfg.seed, "local-init", cid)
+            state.local = self.engine.fresh_adapter_state(
+                algorithms.derive_seed(self.cfg.seed, "local-init", cid)
             )
         return state.local
 
     def _load(self, global_state: AdapterState, cid: int) -> None:
-        load_adapter_state(self.model.peft, GLOBAL, global_state)
-        load_adapter_state(self.model.peft, LOCAL, self._local(cid))
+        self.engine.load_adapter_state(GLOBAL, global_state)
+        self.engine.load_adapter_state(LOCAL, self._local(cid))
 
     def fit(self, cid: int, step: int, global_state: AdapterState, stage: Path | None) -> FitResult:
         """Run the method's phases of `step` for client `cid`; stage its changed local files."""
@@ -142,11 +139,13 @@ class ClientHost:
         )
         self._load(global_state, cid)
         if finetune:  # FedDPA-F: the local adapter starts as a copy of the final global
-            load_adapter_state(self.model.peft, LOCAL, global_state)
+            self.engine.load_adapter_state(LOCAL, global_state)
         losses = {}
         for phase in phases:
             seed = algorithms.derive_seed(self.cfg.seed, "fit", step, cid, phase.name)
-            result = run_phase(self.model, state.data, phase, self.cfg.train, seed)
+            result = run_phase(
+                self.model, state.data, phase, self.cfg.train, seed, self.engine.optimizer_factory
+            )
             losses[phase.name] = result.epoch_losses
             log.info(
                 "round %d client %d phase %s loss %s",
@@ -156,14 +155,14 @@ class ClientHost:
                 [round(x, 4) for x in result.epoch_losses],
             )
         if any(p.adapter == LOCAL for p in phases):
-            state.local = adapter_state(self.model.peft, LOCAL)
+            state.local = self.engine.adapter_state(LOCAL)
             state.bank = None
             if needs_bank(self.weighting):
                 state.bank = representation_bank(self.model, state.data, self.cfg.eval.batch_size)
             if stage is not None:
                 self.write_client(cid, stage)
         upload = (
-            adapter_state(self.model.peft, GLOBAL)
+            self.engine.adapter_state(GLOBAL)
             if algorithms.uploads_global(self.cfg) and not finetune
             else None
         )
@@ -197,11 +196,9 @@ class ClientHost:
 
     def evaluate_global(self, global_state: AdapterState) -> ItemScores:
         """Per-item test scores of the global adapter alone (shared by all clients)."""
-        load_adapter_state(self.model.peft, GLOBAL, global_state)
+        self.engine.load_adapter_state(GLOBAL, global_state)
         only = self.weighting.model_copy(update={"mode": "global_only"})
         return score_items(self.model, self.test, only, None, 0, self.cfg.eval.batch_size)
 
     def initial_global(self) -> AdapterState:
-        return fresh_adapter_state(
-            self.model.peft, algorithms.derive_seed(self.cfg.seed, "global-init")
-        )
+        return self.engine.fresh_adapter_state(algorithms.derive_seed(self.cfg.seed, "global-init"))

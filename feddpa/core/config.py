@@ -118,6 +118,29 @@ class RayConfig(_Frozen):
     driver_cpus: float = Field(0.1, gt=0)
 
 
+class EngineConfig(_Frozen):
+    """How a phase's optimizer steps: plain torch AdamW, or a DeepSpeed ZeRO engine (actors only).
+
+    Gradient accumulation is not a setting here: it is train.batch_size / train.micro_batch_size."""
+
+    kind: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state on the CPU")
+    offload_params: bool = Field(False, description="ZeRO-3 parameters on the CPU")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    stage3_param_persistence_threshold: int = Field(
+        0, ge=0, description="ZeRO-3 keeps params below this size unpartitioned; 0 = partition all"
+    )
+
+    @model_validator(mode="after")
+    def _offload(self) -> EngineConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("engine.offload_params needs engine.zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage 1, 2 or 3")
+        return self
+
+
 class ExperimentConfig(_Frozen):
     name: str = "feddpa"
     seed: int = 0
@@ -132,6 +155,7 @@ class ExperimentConfig(_Frozen):
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
