@@ -1,6 +1,6 @@
 """Serving benchmark: dual-adapter cost, weighting latency, resident clients, Ray Serve HTTP load.
 
-    .venv/bin/python benchmarks/serving.py            # default profile (~10 min on 2 cores)
+    .venv/bin/python benchmarks/serving.py            # default profile (6-8 min on 2 cores)
     .venv/bin/python benchmarks/serving.py --quick    # short points, for debugging
 
 Unless given `--run-dir` / `--many-run-dir`, it trains two FedDPA-T runs (synthetic data, 2 rounds,
