@@ -34,6 +34,7 @@ def init_ray(address: str, num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": RAY_ENV}
     if address == "local":
         ray.init(
+            address="local",  # a new instance, never another job's cluster on this machine
             num_cpus=num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
