@@ -13,6 +13,7 @@ that detaches its lora_B output), so `a·ΔL + (1−a)·stopgrad(ΔG)` is exact.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,8 +90,15 @@ def attach_dual_adapters(model: nn.Module, config: LoraConfig) -> PeftModel:
     return peft_model
 
 
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, list[LoraLayer]] = weakref.WeakKeyDictionary()
+
+
 def lora_layers(model: nn.Module) -> Iterator[LoraLayer]:
-    return (m for m in model.modules() if isinstance(m, LoraLayer))
+    """The model's LoRA layers, found once per model (the module walk is on every forward's path;
+    adding or deleting adapters changes the layers' contents, never which layers there are)."""
+    if model not in _LAYERS:
+        _LAYERS[model] = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return iter(_LAYERS[model])
 
 
 def _base_scale(layer: LoraLayer, name: str) -> float:

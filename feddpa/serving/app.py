@@ -109,20 +109,25 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         description="Per-client personalized inference (FedDPA dual adapters)",
     )
 
-    async def authorize(
-        request: Request, cid: int, creds: HTTPAuthorizationCredentials | None
-    ) -> None:
+    def token_scope(creds: HTTPAuthorizationCredentials | None) -> int | None:
+        """The one client a bearer token opens; None when it opens all (admin, or auth off)."""
         store: TokenStore | None = state().tokens
         if store is None:
-            return
+            return None
         if creds is None:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
         if store.is_admin(creds.credentials):
-            return
+            return None
         owner = store.client_of(creds.credentials)
         if owner is None:
             raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if owner != cid:
+        return owner
+
+    async def authorize(
+        request: Request, cid: int, creds: HTTPAuthorizationCredentials | None
+    ) -> None:
+        owner = token_scope(creds)
+        if owner is not None and owner != cid:
             raise HTTPException(403, f"this token opens client {owner} only, not client {cid}")
 
     async def known(request: Request, cid: int) -> dict:
@@ -189,20 +194,8 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
     @app.get("/v1/clients", response_model=s.ClientsResponse)
     async def clients(request: Request, creds: Creds) -> s.ClientsResponse:
         info = await state().backend.describe()
-        visible = info["clients"]
-        store: TokenStore | None = state().tokens
-        if store is not None:
-            if creds is None:
-                raise HTTPException(
-                    401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}
-                )
-            if not store.is_admin(creds.credentials):
-                owner = store.client_of(creds.credentials)
-                if owner is None:
-                    raise HTTPException(
-                        401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
-                    )
-                visible = [owner]
+        owner = token_scope(creds)
+        visible = info["clients"] if owner is None else [owner]
         return s.ClientsResponse(
             clients=[s.ClientInfo(client_id=c, model=f"client-{c}") for c in visible],
             version=info["version"],

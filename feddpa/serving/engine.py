@@ -12,6 +12,7 @@ adapters changed too). Batches run one at a time per replica, so no request sees
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -92,8 +93,6 @@ class ServingEngine:
             if latest is None:
                 return bool(self.version)
             if latest.name != self.version:
-                import json
-
                 state = json.loads((latest / "state.json").read_text())
                 load_adapter_state(self.model.peft, GLOBAL, load_adapter(latest / "global"))
                 for cid in list(self.slots):
