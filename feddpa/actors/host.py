@@ -20,6 +20,7 @@ from feddpa.core import algorithms
 from feddpa.core.adapters import GLOBAL, LOCAL, AdapterState
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import ItemScores, representation_bank, score_items
+from feddpa.core.fedavg import FlatState
 from feddpa.core.models import TaskModel, build_task_model
 from feddpa.core.models.loading import lora_config
 from feddpa.core.records import Example
@@ -54,7 +55,7 @@ class ClientState:
 class FitResult:
     client_id: int
     num_examples: int
-    global_state: AdapterState | None
+    global_state: AdapterState | FlatState | None  # FlatState when it came over the wire
     losses: dict[str, tuple[float, ...]] = field(default_factory=dict)
     compute_s: float = 0.0
 

@@ -5,51 +5,119 @@
 Updates are folded in one at a time, so memory is one sum buffer whatever the number of clients.
 The sum is kept in float64, which makes the result independent of arrival order up to float32
 rounding of the final average (the Ray driver folds updates in completion order).
+
+An update travels and folds as a `FlatState`: all adapter tensors in one contiguous 1-D buffer
+plus their layout, so a fold is a single `add_` over the whole adapter (a per-tensor loop costs
+a kernel launch per tensor: 24 tensors of 12 KiB each for MiniLM, 128 for LLaMA-2-7B).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 State = dict[str, torch.Tensor]
+FOLD_BLOCK = 2**17  # elements per in-place add (1 MiB of float64: stays in cache)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Keys (sorted) and shapes of a state's tensors, in buffer order."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    def sizes(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    def mismatch(self, other: Layout) -> str:
+        """What differs from `other`, for an error message ('' if nothing)."""
+        if self.keys != other.keys:
+            diff = sorted(set(self.keys) ^ set(other.keys))[:3]
+            return f"does not match earlier updates' tensors (e.g. {diff})"
+        for key, a, b in zip(self.keys, self.shapes, other.shapes, strict=True):
+            if a != b:
+                return f"tensor {key!r} has shape {a}, earlier updates {b}"
+        return ""
+
+
+@dataclass(frozen=True)
+class FlatState:
+    """A state as one 1-D tensor `data` (all tensors concatenated in `layout` order)."""
+
+    layout: Layout
+    data: torch.Tensor
+
+    @classmethod
+    def of(cls, state: State | FlatState) -> FlatState:
+        if isinstance(state, FlatState):
+            return state
+        keys = tuple(sorted(state))
+        dtypes = {state[k].dtype for k in keys}
+        if len(dtypes) > 1:
+            raise ValueError(f"adapter state mixes dtypes {sorted(map(str, dtypes))}")
+        layout = Layout(keys, tuple(tuple(state[k].shape) for k in keys))
+        if not keys:
+            return cls(layout, torch.empty(0))
+        return cls(layout, torch.cat([state[k].detach().reshape(-1).cpu() for k in keys]))
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def state(self) -> State:
+        """The tensors, each its own contiguous copy (safetensors refuses shared storage)."""
+        chunks = self.data.split(self.layout.sizes())
+        return {
+            k: c.view(s).clone()
+            for k, s, c in zip(self.layout.keys, self.layout.shapes, chunks, strict=True)
+        }
+
+
+def state_nbytes(state: State | FlatState) -> int:
+    if isinstance(state, FlatState):
+        return state.nbytes
+    return sum(v.numel() * v.element_size() for v in state.values())
 
 
 class RunningAverage:
     """Fold (state, weight) pairs; `result()` is the weighted mean in the states' dtype."""
 
     def __init__(self) -> None:
-        self._sum: State = {}
-        self._dtypes: dict[str, torch.dtype] = {}
+        self._sum: torch.Tensor | None = None  # (P,) float64
+        self._layout: Layout | None = None
+        self._dtype = torch.float32
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, state: State, weight: float) -> None:
+    def add(self, state: State | FlatState, weight: float) -> None:
         if not (weight > 0 and math.isfinite(weight)):  # also rejects NaN
             raise ValueError(f"FedAvg weight must be positive and finite, got {weight}")
-        if self._sum and state.keys() != self._sum.keys():
-            missing = sorted(set(self._sum) ^ set(state))[:3]
-            raise ValueError(f"update does not match earlier updates' tensors (e.g. {missing})")
-        # checked before folding: `+=` would silently broadcast e.g. an r=1 tensor into r=8
-        reshaped = [k for k, v in state.items() if k in self._sum and v.shape != self._sum[k].shape]
-        if reshaped:
-            raise ValueError(
-                f"update tensor {reshaped[0]!r} has a different shape than earlier updates"
-            )
-        for key, value in state.items():
-            if key in self._sum:  # in place, no temporaries: sum += weight * value (in float64)
-                self._sum[key].add_(value.detach(), alpha=weight)
-            else:
-                self._sum[key] = value.detach().to(torch.float64) * weight
-                self._dtypes[key] = value.dtype
+        flat = FlatState.of(state)
+        if self._sum is None or self._layout is None:
+            self._layout, self._dtype = flat.layout, flat.data.dtype
+            self._sum = flat.data.to(torch.float64) * weight
+        else:
+            # checked before folding: a different layout would fold into the wrong elements
+            why = flat.layout.mismatch(self._layout)
+            if why:
+                raise ValueError(f"FedAvg update {why}")
+            # in place, float64, in blocks: a mixed-dtype add_ over the whole buffer casts through
+            # a whole-size temporary, page-faulted anew on every fold (LLaMA-7B adapter, 1 thread:
+            # 0.62 GB/s in one op, 3.8 GB/s in 2^17-element blocks)
+            for dst, src in zip(
+                self._sum.split(FOLD_BLOCK), flat.data.split(FOLD_BLOCK), strict=True
+            ):
+                dst.add_(src, alpha=weight)
         self.total_weight += weight
         self.count += 1
 
     def result(self) -> State:
-        if not self.count:
+        if self._sum is None or self._layout is None:
             raise ValueError("FedAvg over zero updates")
-        return {k: (v / self.total_weight).to(self._dtypes[k]) for k, v in self._sum.items()}
+        return FlatState(self._layout, (self._sum / self.total_weight).to(self._dtype)).state()
 
 
 def fedavg(updates: list[tuple[State, float]]) -> State:

@@ -22,7 +22,7 @@ from feddpa.core import algorithms
 from feddpa.core.adapters import AdapterState
 from feddpa.core.config import ExperimentConfig, load_config, save_config
 from feddpa.core.evaluation import ItemScores, summarize
-from feddpa.core.fedavg import RunningAverage
+from feddpa.core.fedavg import RunningAverage, state_nbytes
 from feddpa.core.models.loading import lora_config
 from feddpa.datasets import Manifest, read_manifest, read_test
 from feddpa.datasets.prepare import prepare_shards
@@ -169,7 +169,7 @@ def run_step(
             t = time.perf_counter()
             avg.add(res.global_state, res.num_examples)
             fold_s += time.perf_counter() - t
-            bytes_up += sum(v.numel() * v.element_size() for v in res.global_state.values())
+            bytes_up += state_nbytes(res.global_state)
     t_fit = time.perf_counter()
     stats = executor.round_stats()
     if len(losses) < min(cfg.federation.min_fit_clients, len(fit_ids)):
@@ -186,7 +186,7 @@ def run_step(
     )
     t_eval = time.perf_counter()
     eval_stats = executor.round_stats()
-    global_bytes = sum(v.numel() * v.element_size() for v in global_state.values())
+    global_bytes = state_nbytes(global_state)
     timing: dict[str, float] = {
         "fit_s": t_fit - t0,  # wall time of the fit phase, aggregation folds included
         "client_compute_s": compute,  # summed over clients

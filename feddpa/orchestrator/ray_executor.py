@@ -133,7 +133,7 @@ class RayExecutor:
         return ray.get(self.actors[0].evaluate_global.remote(to_wire(global_state)))
 
     def initial_global(self):
-        return from_wire(ray.get(self.actors[0].initial_global.remote()))
+        return from_wire(ray.get(self.actors[0].initial_global.remote())).state()
 
     def stats(self) -> list[dict]:
         return ray.get([a.stats.remote() for a in self.actors])

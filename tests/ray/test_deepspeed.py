@@ -58,12 +58,12 @@ def fit_round(ray, cfg, data_dir: Path, run_dir: Path) -> dict:
         fit = ray.get(actor.fit.remote(cid, 1, start, str(run_dir / "stage")), timeout=600)
         cdir = client_dir(run_dir / "stage", cid)
         results[cid] = {
-            "global": from_wire(fit.global_state),
+            "global": from_wire(fit.global_state).state(),
             "local": load_adapter(cdir / "local"),
             "bank": load_bank(cdir / "bank.safetensors"),
         }
     ray.kill(actor)
-    return {"start": from_wire(start), "results": results}
+    return {"start": from_wire(start).state(), "results": results}
 
 
 def local_starts(cfg) -> dict:

@@ -58,7 +58,7 @@ def test_only_global_adapter_reaches_driver(ray_local, tmp_path):
             "losses",
             "compute_s",
         }
-        for tensor in result.global_state.values():
+        for tensor in result.global_state.state().values():  # FlatState off the wire
             assert not any(
                 tensor.shape == t.shape and torch.equal(tensor, t) for t in local_tensors
             ), "a local-adapter tensor was returned to the driver"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from feddpa.core.fedavg import RunningAverage, fedavg
+from feddpa.core.fedavg import FlatState, RunningAverage, fedavg, state_nbytes
 
 
 def test_weighted_mean_by_hand():
@@ -126,3 +126,34 @@ def test_empty_raises():
         fedavg([])
     with pytest.raises(ValueError, match="zero updates"):
         RunningAverage().result()
+
+
+def test_flat_state_round_trips_and_folds_like_the_dict():
+    updates = _updates()
+    flat = FlatState.of(updates[0][0])
+    assert flat.layout.keys == tuple(sorted(updates[0][0]))
+    back = flat.state()
+    assert back.keys() == updates[0][0].keys()
+    for key, value in back.items():
+        assert torch.equal(value, updates[0][0][key])
+        assert value.untyped_storage().data_ptr() != flat.data.untyped_storage().data_ptr()
+    by_dict, by_flat = RunningAverage(), RunningAverage()
+    for state, w in updates:
+        by_dict.add(state, w)
+        by_flat.add(FlatState.of(state), w)
+    for key, value in by_dict.result().items():
+        assert torch.equal(value, by_flat.result()[key])
+    assert state_nbytes(flat) == state_nbytes(updates[0][0])
+
+
+def test_flat_state_rejects_mixed_dtypes():
+    with pytest.raises(ValueError, match="mixes dtypes"):
+        FlatState.of({"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float16)})
+
+
+def test_flat_update_with_other_layout_raises():
+    avg = RunningAverage()
+    avg.add({"a": torch.zeros(2, 3), "b": torch.zeros(6)}, 1)
+    with pytest.raises(ValueError, match="'a' has shape"):  # same element count, other shape
+        avg.add(FlatState.of({"a": torch.zeros(3, 2), "b": torch.zeros(6)}), 1)
+    assert avg.count == 1
