@@ -7,7 +7,9 @@ Unless given `--run-dir` / `--many-run-dir`, it trains two FedDPA-T runs (synthe
 eval off, in-process): `main` (8 clients, one task each, 60 items/task) and `many` (IID, 120
 clients x 2 items). Writes `serving.json` (a key per figure + targets/details/meta) and `serving.md`.
 1. throughput_ratio_dynamic_vs_base: `ServingEngine.run_batch`, 16 requests of 8 clients (bank)
-   vs the same model with adapters disabled scoring the same 16 examples.
+   vs the same model with adapters disabled scoring the same 16 examples (MiniLM, multiple
+   choice). throughput_ratio_dynamic_vs_base_generate: the same for generation (beam 4, 80 new
+   tokens) on a MiniLM-size Llama (random init, trained 1 round so every client has adapters).
 2. latency_p50_ratio_dynamic_vs_fixed: single requests through the engine, bank vs fixed.
 3. clients_resident_per_replica, rss_per_resident_client_mb, cold_load_p50_ms, cold_load_p95_ms,
    cold_load_p50_ms_last20 (the last 20 loads: 100+ clients resident; `many` run).
@@ -74,9 +76,12 @@ class Profile:
     curve: tuple[int, ...] = (1, 2, 4, 8, 16)
     curve_s: float = 8.0
     load_s: float = 60.0
+    gen_batch: int = 16
+    gen_beams: int = 4  # the paper's generation setting: beam 4, 80 new tokens
+    gen_tokens: int = 80
 
 
-QUICK = Profile(warmup=1, reps=3, loops=2, latency_n=20, curve_s=3.0, load_s=15.0)
+QUICK = Profile(warmup=1, reps=3, loops=2, latency_n=20, curve_s=3.0, load_s=15.0, gen_tokens=16)
 
 
 def loadavg() -> list[float]:
@@ -117,9 +122,20 @@ def timed(fn, loops: int) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved_rps(runs: dict, n: int, p: Profile) -> tuple[dict, dict]:
+    """Requests/s per variant (median over reps); variants interleaved so load hits them alike."""
+    for fn in runs.values():
+        timed(fn, p.warmup)
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(p.reps):
+        for k, fn in runs.items():
+            rates[k].append(n * p.loops / timed(fn, p.loops))
+    return {k: median(v) for k, v in rates.items()}, rates
+
+
 def throughput(engine: ServingEngine, reqs: list[Request], p: Profile) -> tuple[dict, dict]:
     examples, n, model = [r.example for r in reqs], len(reqs), engine.model
-    spread = Mix(1.0, 0.0, ("local",), torch.arange(n))  # a key per row: no option dedup
+    spread = Mix(torch.linspace(0.5, 1.0, n), 0.0)  # a distinct weight per row: no option dedup
 
     def base(mix: Mix = GLOBAL_ONLY) -> None:
         with torch.no_grad(), model.peft.disable_adapter():
@@ -128,24 +144,81 @@ def throughput(engine: ServingEngine, reqs: list[Request], p: Profile) -> tuple[
     runs = {"dynamic_bank": lambda: engine.run_batch(with_mode(reqs, "bank")), "base": base,
             "fixed": lambda: engine.run_batch(with_mode(reqs, "fixed")),
             "base_no_option_dedup": lambda: base(spread)}  # fmt: skip
-    for fn in runs.values():
-        timed(fn, p.warmup)
-    load0, rates = loadavg(), {k: [] for k in runs}
-    for _ in range(p.reps):  # interleaved: background load hits every variant alike
-        for k, fn in runs.items():
-            rates[k].append(n * p.loops / timed(fn, p.loops))
-    rps = {k: median(v) for k, v in rates.items()}
+    load0 = loadavg()
+    rps, rates = interleaved_rps(runs, n, p)
     dyn, per_row = rps["dynamic_bank"], Mix(torch.rand(n), torch.rand(n))  # distinct row weights
+    stems = model.tokenizer([e.stem for e in examples])["input_ids"]
     details = {"batch": n, "clients_in_batch": len({r.client_id for r in reqs}),
                "requests_per_s_median": rps, "requests_per_s_all": rates,
                "option_sequences_per_batch": {"dynamic": len(option_rows(examples, per_row).texts),
                                               "base": len(option_rows(examples, GLOBAL_ONLY).texts)},
+               "stem_tokens_per_batch": sum(map(len, stems)),
                "ratio_dynamic_vs_base_no_option_dedup": dyn / rps["base_no_option_dedup"],
                "ratio_fixed_vs_base": rps["fixed"] / rps["base"],
                "ratio_dynamic_vs_fixed": dyn / rps["fixed"], "loadavg": [load0, loadavg()]}  # fmt: skip
     figures: dict[str, Figure] = {"throughput_ratio_dynamic_vs_base": (dyn / rps["base"], ">=", 0.75),
         "throughput_dynamic_rps": (dyn, None, None), "throughput_base_rps": (rps["base"], None, None)}  # fmt: skip
     return figures, {"throughput": details}
+
+
+def save_causal_base(path: Path) -> Path:
+    """A MiniLM-size Llama (6 layers, hidden 384, MiniLM's tokenizer), random weights, saved."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from feddpa.core.models.loading import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    tok.eos_token, tok.pad_token = "[SEP]", "[PAD]"
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                         num_attention_heads=6, num_key_value_heads=6, vocab_size=len(tok),
+                         max_position_embeddings=512, bos_token_id=tok.cls_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def train_causal_run(root: Path, p: Profile) -> tuple[Path, dict]:
+    base = save_causal_base(root / "causal_base")
+    cfg = {"name": "causal", "method": "feddpa_t", "data": {"train_per_task": 8, "test_per_task": 4},
+           "model": {"kind": "causal_lm", "path": str(base), "threads": 1, "max_length": 96},
+           "federation": {"rounds": 2},  # FedDPA-T trains local adapters from round 1
+           "eval": {"every": 0, "final": False, "num_beams": p.gen_beams,
+                    "max_new_tokens": p.gen_tokens}}  # fmt: skip
+    run_dir, t0 = root / "causal", time.perf_counter()
+    log.info("training causal (MiniLM-size Llama, random init)")
+    train(build_config(cfg), run_dir, InProcessExecutor)
+    return run_dir, {"base": "LlamaForCausalLM 6x384 (random init)", "train_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def throughput_generate(run_dir: Path, p: Profile) -> tuple[dict, dict]:
+    """Generation (beam search) with dual adapters + bank weighting vs the base model alone."""
+    torch.set_num_threads(1)
+    engine = ServingEngine(run_dir)
+    reqs = own_task_items(run_dir, random.Random(0), per_client=2)[: p.gen_batch]
+    reqs = [Request(r.client_id, r.example, "generate") for r in reqs]
+    examples, model, n = [r.example for r in reqs], engine.model, len(reqs)
+    texts: dict[str, list[str]] = {}
+
+    def base() -> None:
+        with torch.no_grad(), model.peft.disable_adapter():
+            texts["base"] = model.generate(examples, GLOBAL_ONLY)  # type: ignore[attr-defined]
+
+    def dynamic() -> None:
+        texts["dynamic"] = [r.text for r in engine.run_batch(with_mode(reqs, "bank"))]
+
+    load0 = loadavg()
+    rps, rates = interleaved_rps({"dynamic_bank": dynamic, "base": base}, n, p)
+    new_tokens = {k: sum(len(model.tokenizer(t)["input_ids"]) for t in v) for k, v in texts.items()}
+    ratio = rps["dynamic_bank"] / rps["base"]
+    details = {"batch": n, "clients_in_batch": len({r.client_id for r in reqs}),
+               "num_beams": p.gen_beams, "max_new_tokens": p.gen_tokens,
+               "generated_tokens_per_batch": new_tokens, "requests_per_s_median": rps,
+               "requests_per_s_all": rates, "loadavg": [load0, loadavg()]}  # fmt: skip
+    figures: dict[str, Figure] = {"throughput_ratio_dynamic_vs_base_generate": (ratio, ">=", 0.75),
+        "throughput_generate_dynamic_rps": (rps["dynamic_bank"], None, None)}  # fmt: skip
+    return figures, {"throughput_generate": details}
 
 
 def latency(engine: ServingEngine, reqs: list[Request], p: Profile) -> tuple[dict, dict]:
@@ -178,7 +251,7 @@ def residency(run_dir: Path, p: Profile) -> tuple[dict, dict]:
     rss0, ms = psutil.Process().memory_info().rss, []
     for cid in engine.clients[1:]:
         t0 = time.perf_counter()
-        engine.slot(cid)  # local adapter + bank from disk into a new named peft adapter
+        engine.slot(cid)  # local adapter + bank from disk into a LocalStack slot
         ms.append((time.perf_counter() - t0) * 1e3)
     gc.collect()
     rss1, resident = psutil.Process().memory_info().rss, len(engine.slots)
@@ -190,7 +263,7 @@ def residency(run_dir: Path, p: Profile) -> tuple[dict, dict]:
         "cold_load_p50_ms": (median(ms), "<=", 500.0), "cold_load_p95_ms": (pct(ms, 95), None, None),
         "cold_load_p50_ms_last20": (median(ms[-20:]), "<=", 500.0)}  # fmt: skip  # near capacity
     slot = engine.slots[engine.clients[1]]  # its tensors: local adapter (float32) + bank
-    tensors = [t for k, t in engine.model.peft.named_parameters() if f".{slot.adapter}." in k]
+    tensors = [t[slot.index] for t in (*engine.stack.A, *engine.stack.B)]
     state_mb = sum(t.numel() * t.element_size() for t in [*tensors, slot.bank]) / MIB  # type: ignore[misc]
     details = {"clients_in_run": len(engine.clients), "capacity": engine.capacity,
                "cold_loads": len(ms), "cold_load_max_ms": max(ms),
@@ -374,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         del engine  # free its memory before the residency engine and the Serve replica
         gc.collect()
         measure(isolated, residency, many_dir, profile)
+        causal_dir, details["runs"]["causal"] = train_causal_run(root, profile)
+        measure(isolated, throughput_generate, causal_dir, profile)
         measure(load_test, run_dir, profile)
     finally:
         if tmp is not None:

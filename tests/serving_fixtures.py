@@ -136,6 +136,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def commit_scaled_global(run_dir: Path, factor: float) -> Path:
+    """Commit round N+1 by hand: the previous global adapter with lora_B scaled by `factor`."""
+    from feddpa.core.config import load_config
+    from feddpa.core.models.loading import lora_config
+    from feddpa.core.storage import load_adapter
+    from feddpa.orchestrator.checkpoint import Checkpoints
+
+    cfg = load_config(run_dir / "config.yaml")
+    ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
+    previous = ckpts.latest()
+    assert previous is not None
+    state = ckpts.state(previous)
+    step = state["completed_steps"]
+    new_global = {
+        k: v * factor if ".lora_B." in k else v
+        for k, v in load_adapter(previous / "global").items()
+    }
+    state = {**state, "completed_steps": step + 1}
+    return ckpts.commit(
+        step, ckpts.stage(step), new_global, lora_config(cfg.model, cfg.lora), state, {}
+    )
+
+
 class Reference:
     """The in-process evaluator path for one run: a `ClientHost` owning every client, restored
     from a committed round, scoring one item with `instance_mix` + the task model."""

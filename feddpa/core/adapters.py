@@ -17,11 +17,15 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+if TYPE_CHECKING:
+    from feddpa.core.stack import LocalStack
 
 GLOBAL = "global"
 LOCAL = "local"
@@ -34,14 +38,15 @@ AdapterState = dict[str, torch.Tensor]
 class Mix:
     """Weights of the global and local adapter: floats, or tensors of shape (B,) per row.
 
-    `locals` names the local adapter(s). With several (a serving batch holding many clients),
-    `local_of_row` (B,) says which of them each row uses; the others get weight 0 on that row.
+    With `stack` (serving: a batch holding many clients), the local term of row i comes from the
+    stack's slot `local_of_row[i]` (-1: that row has no local adapter) instead of the peft
+    adapter named `local`.
     """
 
     global_w: float | torch.Tensor
     local_w: float | torch.Tensor
-    locals: tuple[str, ...] = (LOCAL,)
     local_of_row: torch.Tensor | None = None
+    stack: LocalStack | None = None
 
     def rows(self, index: torch.Tensor | None = None, repeat: int = 1) -> Mix:
         """Expand per-example weights to per-sequence rows: select by `index`, repeat each `repeat`x."""
@@ -54,7 +59,7 @@ class Mix:
             return w.repeat_interleave(repeat) if repeat > 1 else w
 
         return Mix(
-            expand(self.global_w), expand(self.local_w), self.locals, expand(self.local_of_row)
+            expand(self.global_w), expand(self.local_w), expand(self.local_of_row), self.stack
         )
 
     def as_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,17 +69,6 @@ class Mix:
             return w.float() if isinstance(w, torch.Tensor) else torch.full((n,), float(w))
 
         return full(self.global_w), full(self.local_w)
-
-    def adapter_weights(self) -> dict[str, float | torch.Tensor]:
-        """Weight of every adapter taking part, per row where it varies."""
-        out: dict[str, float | torch.Tensor] = {GLOBAL: self.global_w}
-        if self.local_of_row is None:
-            out.update(dict.fromkeys(self.locals, self.local_w))
-            return out
-        for j, name in enumerate(self.locals):
-            mask = (self.local_of_row == j).float()
-            out[name] = mask * self.local_w
-        return out
 
 
 GLOBAL_ONLY = Mix(1.0, 0.0)
@@ -113,15 +107,24 @@ def _layer_weight(w: float | torch.Tensor, like: torch.Tensor) -> float | torch.
 
 @contextmanager
 def mixed(model: nn.Module, mix: Mix) -> Iterator[None]:
-    """Run the block with adapter scalings s·w_g and s·w_l; restores the plain scalings after."""
-    weights = mix.adapter_weights()
+    """Run the block with adapter scalings s·w_g and s·w_l (the local term from `mix.stack` when
+    the batch holds many clients); restores the plain scalings after."""
+    if (mix.stack is None) != (mix.local_of_row is None):
+        raise ValueError("Mix.local_of_row and Mix.stack go together")
+    local_w = mix.local_w if mix.stack is None else 0.0  # the stack supplies the local term
+    weights = {GLOBAL: mix.global_w, LOCAL: local_w}
     for layer in lora_layers(model):
         ref = layer.lora_A[GLOBAL].weight
         assert isinstance(ref, torch.Tensor)
         for name, w in weights.items():
             layer.scaling[name] = _base_scale(layer, name) * _layer_weight(w, ref)
     try:
-        yield
+        if mix.stack is not None and mix.local_of_row is not None:
+            n = len(mix.local_of_row)
+            with mix.stack.applied(mix.local_of_row, mix.as_rows(n)[1]):
+                yield
+        else:
+            yield
     finally:
         for layer in lora_layers(model):
             for name in weights:

@@ -30,6 +30,12 @@ class ModelConfig(_Frozen):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda if available"
     )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="load the frozen base in 8-bit or 4-bit NF4 (bitsandbytes, CUDA only)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, ~30% slower)"
+    )
 
 
 class LoraSettings(_Frozen):
@@ -156,6 +162,15 @@ class ExperimentConfig(_Frozen):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @model_validator(mode="after")
+    def _quantized_engine(self) -> ExperimentConfig:
+        if self.model.quantization != "none" and self.engine.kind == "deepspeed":
+            raise ValueError(
+                "model.quantization needs engine.kind 'torch': DeepSpeed ZeRO does not partition "
+                "bitsandbytes weights (the frozen quantized base is already small)"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,9 +1,10 @@
 """The serving engine: one base model + the current global adapter, and an LRU of client local
-adapters (each a named peft adapter `client_XXXXX`) with their representation banks.
+adapters (each a slot of a `LocalStack`) with their representation banks.
 
-A batch may hold requests of many clients: every client's local adapter is active at once and
-`Mix.local_of_row` gives each row its own local adapter and its own instance-wise weight, so the
-batch runs as one forward pass (FedDPA, arXiv 2403.19211, Eq. 6–7; the math is `feddpa.core`'s).
+A batch may hold requests of many clients: `Mix.local_of_row` gives each row its client's stack
+slot and its own instance-wise weight, so the batch runs as one forward pass whose LoRA cost does
+not grow with the number of clients in it (FedDPA, arXiv 2403.19211, Eq. 6–7; the math is
+`feddpa.core`'s).
 
 Roll-out: at the start of every batch the engine checks the run's LATEST round; when training has
 committed a new one it swaps in the new global adapter and drops cached clients (their local
@@ -26,8 +27,8 @@ from feddpa.core import algorithms
 from feddpa.core.adapters import GLOBAL, Mix, load_adapter_state, set_trainable
 from feddpa.core.config import WeightingConfig, WeightMode, load_config
 from feddpa.core.models import build_task_model
-from feddpa.core.models.loading import lora_config
 from feddpa.core.records import Example
+from feddpa.core.stack import LocalStack
 from feddpa.core.storage import latest_checkpoint, load_adapter, load_bank
 from feddpa.core.weighting import instance_mix, needs_bank
 
@@ -41,10 +42,13 @@ class UnknownClient(KeyError):
 @dataclass
 class ClientSlot:
     client_id: int
-    adapter: str
+    index: int  # the local adapter's slot in the engine's LocalStack; -1: the client has none
     bank: torch.Tensor | None
-    has_local: bool
     loaded_s: float
+
+    @property
+    def has_local(self) -> bool:
+        return self.index >= 0
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,9 @@ class ServingEngine:
         self.run_dir = Path(run_dir)
         self.cfg = load_config(self.run_dir / "config.yaml")
         self.model = build_task_model(self.cfg.model, self.cfg.lora, self.cfg.eval)
-        self.lora_config = lora_config(self.cfg.model, self.cfg.lora)
+        self.model.peft.base_model.set_adapter([GLOBAL])  # type: ignore[union-attr,operator]
+        set_trainable(self.model.peft, None)  # set_adapter marks the active adapter trainable
+        self.stack = LocalStack(self.model.peft, slots=min(capacity, 64))
         self.weighting = algorithms.eval_weighting(self.cfg)
         self.capacity = capacity
         self.slots: OrderedDict[int, ClientSlot] = OrderedDict()
@@ -105,7 +111,7 @@ class ServingEngine:
     def _evict(self, cid: int) -> None:
         slot = self.slots.pop(cid)
         if slot.has_local:
-            self.model.peft.delete_adapter(slot.adapter)  # type: ignore[operator]
+            self.stack.release(slot.index)
 
     def slot(self, cid: int) -> ClientSlot:
         """The client's cached slot, loading its local adapter + bank on a miss (LRU)."""
@@ -117,18 +123,17 @@ class ServingEngine:
                 raise UnknownClient(cid)
             start = time.perf_counter()
             cdir = self.checkpoint / "clients" / f"client_{cid:05d}"
-            name = f"client_{cid:05d}"
-            has_local = (cdir / "local").is_dir()
-            if has_local:
-                self.model.peft.add_adapter(name, self.lora_config)  # type: ignore[operator]
-                load_adapter_state(self.model.peft, name, load_adapter(cdir / "local"))
-                self.model.peft.eval()  # new adapter modules start in training mode (dropout on)
+            index = (
+                self.stack.put(load_adapter(cdir / "local"), owner=str(cdir / "local"))
+                if (cdir / "local").is_dir()
+                else -1
+            )
             bank = (
                 load_bank(cdir / "bank.safetensors")
                 if (cdir / "bank.safetensors").is_file()
                 else None
             )
-            self.slots[cid] = ClientSlot(cid, name, bank, has_local, time.perf_counter() - start)
+            self.slots[cid] = ClientSlot(cid, index, bank, time.perf_counter() - start)
             return self.slots[cid]
 
     def shrink(self) -> None:
@@ -156,7 +161,7 @@ class ServingEngine:
             q = queries[i].unsqueeze(0) if queries is not None and i in queries else None
             g, loc = instance_mix(q, slot.bank, mode, gen).as_rows(1)
             wg[i], wl[i] = g[0], loc[0]
-        return Mix(wg, wl, route.locals, route.local_of_row)
+        return Mix(wg, wl, route.local_of_row, route.stack)
 
     def _mode(self, req: Request, slot: ClientSlot) -> WeightingConfig:
         mode = (
@@ -190,16 +195,7 @@ class ServingEngine:
         with self.lock, torch.no_grad():
             self.refresh()
             slots = [self.slot(r.client_id) for r in requests]
-            names = sorted({s.adapter for s in slots if s.has_local})
-            self.model.peft.base_model.set_adapter([GLOBAL, *names])  # type: ignore[union-attr,operator]
-            set_trainable(self.model.peft, None)
-            index = {name: j for j, name in enumerate(names)}
-            route = Mix(
-                0.0,
-                1.0,
-                tuple(names),
-                torch.tensor([index.get(s.adapter, -1) for s in slots]),
-            )
+            route = Mix(0.0, 1.0, torch.tensor([s.index for s in slots]), self.stack)
             try:
                 return self._run(requests, self._weights(requests, slots, route))
             finally:

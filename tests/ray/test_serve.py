@@ -4,6 +4,8 @@ every client."""
 
 from __future__ import annotations
 
+import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,14 @@ import httpx2
 import openai
 import pytest
 import torch
-from serving_fixtures import free_port, mc_engine, mc_run, torch_threads
+from serving_fixtures import (
+    Reference,
+    commit_scaled_global,
+    free_port,
+    mc_engine,
+    mc_run,
+    torch_threads,
+)
 
 from feddpa.core.records import Example, format_options
 from feddpa.serving.auth import create_tokens
@@ -42,7 +51,8 @@ def served(ray_local, tmp_path_factory) -> Iterator[Served]:
 
     from feddpa.serving.deployment import ServeOptions, start
 
-    run_dir = mc_run(tmp_path_factory)
+    run_dir = tmp_path_factory.mktemp("served") / "run"  # a copy: the roll-out test commits to it
+    shutil.copytree(mc_run(tmp_path_factory), run_dir)
     tokens_file = tmp_path_factory.mktemp("serve_tokens") / "tokens.json"
     tokens = create_tokens([0, 1, 2, 3], tokens_file)
     port = free_port()
@@ -137,3 +147,51 @@ def test_client_token_opens_its_own_client_only(served):
     r = httpx2.get(f"{served.url}/v1/clients", headers={"Authorization": f"Bearer {own}"})
     assert [c["client_id"] for c in r.json()["clients"]] == [1]
     assert predict(served.url, served.tokens["admin"], 7, stem, opts).status_code == 404
+
+
+def test_roll_out_under_load_fails_no_request_and_mixes_no_versions(served):
+    """Runs last (it commits round 2 into the served run): 4 threads keep predicting while the
+    round is committed. Every response is 200, each thread sees the old round and then only the
+    new one, and every answer equals the in-process result of the round it reports."""
+    items = [(cid, *ITEMS[cid % len(ITEMS)]) for cid in range(4)]
+    old = Reference(served.run_dir)
+    seen: dict[int, list[tuple[str, list[float]]]] = {cid: [] for cid, _, _ in items}
+    failures: list[str] = []
+    committed = threading.Event()
+
+    def worker(cid: int, stem: str, opts: list[str]) -> None:
+        deadline = time.monotonic() + 120
+        new_seen = 0
+        while time.monotonic() < deadline and new_seen < 3:
+            r = predict(served.url, served.tokens["admin"], cid, stem, opts)
+            if r.status_code != 200:
+                failures.append(f"client {cid}: HTTP {r.status_code} {r.text[:200]}")
+                return
+            body = r.json()
+            seen[cid].append((body["version"], body["probs"]))
+            new_seen += committed.is_set() and body["version"] == "round_00002"
+
+    threads = [threading.Thread(target=worker, args=item) for item in items]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # requests in flight on the old round
+    with torch_threads(1):
+        new_round = commit_scaled_global(served.run_dir, 3.0)
+    committed.set()
+    for t in threads:
+        t.join(timeout=150)
+    assert not failures, failures
+    new = Reference(served.run_dir, new_round)
+    for cid, stem, opts in items:
+        versions = [v for v, _ in seen[cid]]
+        assert versions[0] == "round_00001" and versions[-1] == "round_00002", versions
+        switch = versions.index("round_00002")
+        assert set(versions[switch:]) == {"round_00002"}, versions  # never back to the old round
+        example = Example(format_options(stem, opts), opts[0], "request")
+        with torch_threads(1):
+            want = {
+                "round_00001": old.probs(cid, example)[0],
+                "round_00002": new.probs(cid, example)[0],
+            }
+        for version, probs in seen[cid]:
+            torch.testing.assert_close(torch.tensor(probs), want[version], rtol=0, atol=1e-5)

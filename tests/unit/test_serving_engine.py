@@ -16,18 +16,15 @@ from serving_fixtures import (
     Reference,
     causal_engine,
     causal_run,
+    commit_scaled_global,
     latest_round,
     mc_engine,
     mc_run,
     torch_threads,
 )
 
-from feddpa.core.config import load_config
-from feddpa.core.models.loading import lora_config
 from feddpa.core.records import Example, format_options
-from feddpa.core.storage import load_adapter
 from feddpa.datasets import read_manifest, read_test
-from feddpa.orchestrator.checkpoint import Checkpoints
 from feddpa.serving.engine import Request, ServingEngine, UnknownClient
 
 MODES = ["bank", "fixed", "global_only", "local_only", "sample"]
@@ -229,45 +226,36 @@ def test_generate_max_new_tokens_truncates(causal):
 # --- LRU of client adapters -------------------------------------------------------------------------
 
 
-def test_lru_keeps_capacity_clients_and_deletes_evicted_adapters(run, engine, client_items):
+def stack_slots_in_use(engine: ServingEngine) -> set[int]:
+    """Slots of the engine's LocalStack holding an adapter; checks free slots are zeroed."""
+    stack = engine.stack
+    for slot in stack.free:
+        assert all(not t[slot].any() for t in (*stack.A, *stack.B)), f"slot {slot} not cleared"
+    return set(range(stack.capacity)) - set(stack.free)
+
+
+def test_lru_keeps_capacity_clients_and_frees_evicted_adapters(run, engine, client_items):
     small = ServingEngine(run, capacity=2)
     for cid in (0, 1, 2):
         serve_one(small, Request(cid, client_items[cid][0], "predict"))
     assert list(small.slots) == [1, 2]
-    adapters = set(small.model.peft.peft_config)
-    assert "client_00000" not in adapters and {"client_00001", "client_00002"} <= adapters
+    assert stack_slots_in_use(small) == {s.index for s in small.slots.values()}
+    assert len(stack_slots_in_use(small)) == 2
     serve_one(small, Request(1, client_items[1][0], "predict"))  # 1 becomes most recent
     serve_one(small, Request(3, client_items[3][0], "predict"))
     assert list(small.slots) == [1, 3]
-    assert "client_00002" not in small.model.peft.peft_config
+    assert stack_slots_in_use(small) == {s.index for s in small.slots.values()}
 
     requests = [Request(cid, client_items[cid][1], "predict") for cid in (0, 1, 2, 3, 0)]
-    batch = small.run_batch(requests)  # more distinct clients than the capacity
+    batch = small.run_batch(requests)  # more distinct clients than the stack's 2 slots: it grows
+    assert small.stack.capacity >= 4
     assert len(small.slots) == 2
-    assert sum(name.startswith("client_") for name in small.model.peft.peft_config) == 2
+    assert stack_slots_in_use(small) == {s.index for s in small.slots.values()}
     for req, got in zip(requests, batch, strict=True):
         assert_same(got, serve_one(engine, req))
 
 
 # --- roll-out of a new committed round --------------------------------------------------------------
-
-
-def commit_scaled_global(run_dir: Path, factor: float) -> Path:
-    """Commit round N+1 by hand: the previous global adapter with lora_B scaled by `factor`."""
-    cfg = load_config(run_dir / "config.yaml")
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
-    previous = ckpts.latest()
-    assert previous is not None
-    state = ckpts.state(previous)
-    step = state["completed_steps"]
-    new_global = {
-        k: v * factor if ".lora_B." in k else v
-        for k, v in load_adapter(previous / "global").items()
-    }
-    state = {**state, "completed_steps": step + 1}
-    return ckpts.commit(
-        step, ckpts.stage(step), new_global, lora_config(cfg.model, cfg.lora), state, {}
-    )
 
 
 def assert_waits_for_running_batch(live: ServingEngine, version: str) -> None:
@@ -301,7 +289,7 @@ def test_new_round_is_rolled_out_at_the_next_batch(run, client_items, tmp_path):
     assert new.version == "round_00002"
     assert max(abs(a - b) for a, b in zip(new.probs, old.probs, strict=True)) > 1e-4
     assert list(live.slots) == [2]  # cached clients were dropped with the old round
-    assert not {"client_00000", "client_00001"} & set(live.model.peft.peft_config)
+    assert stack_slots_in_use(live) == {live.slots[2].index}
 
     probs, global_w = Reference(copy, committed).probs(2, ex, "fixed")
     torch.testing.assert_close(torch.tensor(new.probs), probs, rtol=0, atol=ATOL)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from feddpa.core.adapters import LOCAL_ONLY, Mix, attach_dual_adapters, mixed
 from feddpa.core.config import EvalConfig, LoraSettings, ModelConfig
-from feddpa.core.models.loading import lora_config, resolve_device, resolve_model_path, torch_dtype
+from feddpa.core.models.loading import load_base, lora_config, resolve_model_path
 from feddpa.core.records import Example
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -40,8 +40,7 @@ class CausalLMModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg))
-        base = base.to(resolve_device(cfg))  # type: ignore[arg-type]
+        base = load_base(AutoModelForCausalLM, cfg)
         peft = attach_dual_adapters(base, lora_config(cfg, lora, base.config.model_type))
         peft.eval()
         return cls(peft, tokenizer, cfg.max_length, evaluation)

@@ -73,3 +73,55 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"model.device is {cfg.device!r} but CUDA is not available here")
     return torch.device(cfg.device)
+
+
+def quantization_config(cfg: ModelConfig):
+    """bitsandbytes settings for `model.quantization` (NF4 + double quantization for 4-bit, as in
+    QLoRA; compute in the run's dtype, bfloat16 if that is float32)."""
+    if not torch.cuda.is_available() or resolve_device(cfg).type != "cuda":
+        raise RuntimeError(
+            f"model.quantization {cfg.quantization!r} needs a CUDA device (bitsandbytes); "
+            "use model.quantization: none on CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            f"model.quantization {cfg.quantization!r} needs bitsandbytes: "
+            "pip install 'feddpa[gpu]' (or pip install bitsandbytes)"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if cfg.dtype == "float32" else torch_dtype(cfg)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_base(auto_cls, cfg: ModelConfig):
+    """The frozen base model on its device: optionally k-bit quantized, optionally with gradient
+    checkpointing (non-reentrant, so it works with a frozen base and trainable adapters only)."""
+    path = resolve_model_path(cfg.path)
+    if cfg.quantization == "none":
+        base = auto_cls.from_pretrained(path, dtype=torch_dtype(cfg)).to(resolve_device(cfg))
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        device = resolve_device(cfg)
+        base = auto_cls.from_pretrained(
+            path,
+            dtype=torch_dtype(cfg),
+            quantization_config=quantization_config(cfg),
+            device_map={"": device.index or 0},
+        )
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=cfg.gradient_checkpointing
+        )
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base

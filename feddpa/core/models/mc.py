@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from feddpa.core.adapters import LOCAL_ONLY, Mix, attach_dual_adapters, mixed
 from feddpa.core.config import LoraSettings, ModelConfig
-from feddpa.core.models.loading import lora_config, resolve_device, resolve_model_path, torch_dtype
+from feddpa.core.models.loading import load_base, lora_config, resolve_model_path
 from feddpa.core.records import Example
 
 
@@ -69,7 +69,7 @@ class MultipleChoiceModel:
     def load(cls, cfg: ModelConfig, lora: LoraSettings) -> MultipleChoiceModel:
         path = resolve_model_path(cfg.path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModel.from_pretrained(path, dtype=torch_dtype(cfg)).to(resolve_device(cfg))
+        base = load_base(AutoModel, cfg)
         peft = attach_dual_adapters(base, lora_config(cfg, lora, base.config.model_type))
         peft.eval()
         return cls(peft, tokenizer, cfg.max_length, cfg.mc_scale)
