@@ -1,6 +1,6 @@
 """Serving benchmark: dual-adapter cost, weighting latency, resident clients, Ray Serve HTTP load.
 
-    .venv/bin/python benchmarks/serving.py            # default profile (6-8 min on 2 cores)
+    .venv/bin/python benchmarks/serving.py            # default profile (~12 min on 2 cores)
     .venv/bin/python benchmarks/serving.py --quick    # short points, for debugging
 
 Unless given `--run-dir` / `--many-run-dir`, it trains two FedDPA-T runs (synthetic data, 2 rounds,
@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from statistics import median
@@ -76,12 +76,15 @@ class Profile:
     curve: tuple[int, ...] = (1, 2, 4, 8, 16)
     curve_s: float = 8.0
     load_s: float = 60.0
-    gen_batch: int = 16
+    gen_batch: int = 8
     gen_beams: int = 4  # the paper's generation setting: beam 4, 80 new tokens
     gen_tokens: int = 80
+    gen_reps: int = 3  # a batch takes ~10 s on 1 thread: fewer, single-batch repetitions
 
 
-QUICK = Profile(warmup=1, reps=3, loops=2, latency_n=20, curve_s=3.0, load_s=15.0, gen_tokens=16)
+QUICK = Profile(
+    warmup=1, reps=3, loops=2, latency_n=20, curve_s=3.0, load_s=15.0, gen_tokens=16, gen_reps=2
+)
 
 
 def loadavg() -> list[float]:
@@ -209,7 +212,8 @@ def throughput_generate(run_dir: Path, p: Profile) -> tuple[dict, dict]:
         texts["dynamic"] = [r.text for r in engine.run_batch(with_mode(reqs, "bank"))]
 
     load0 = loadavg()
-    rps, rates = interleaved_rps({"dynamic_bank": dynamic, "base": base}, n, p)
+    timing = replace(p, warmup=1, reps=p.gen_reps, loops=1)
+    rps, rates = interleaved_rps({"dynamic_bank": dynamic, "base": base}, n, timing)
     new_tokens = {k: sum(len(model.tokenizer(t)["input_ids"]) for t in v) for k, v in texts.items()}
     ratio = rps["dynamic_bank"] / rps["base"]
     details = {"batch": n, "clients_in_batch": len({r.client_id for r in reqs}),

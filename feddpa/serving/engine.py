@@ -78,7 +78,7 @@ class ServingEngine:
         self.model = build_task_model(self.cfg.model, self.cfg.lora, self.cfg.eval)
         self.model.peft.base_model.set_adapter([GLOBAL])  # type: ignore[union-attr,operator]
         set_trainable(self.model.peft, None)  # set_adapter marks the active adapter trainable
-        self.stack = LocalStack(self.model.peft, slots=min(capacity, 64))
+        self.stack = LocalStack(self.model.peft, slots=min(capacity, 16))  # grows by doubling
         self.weighting = algorithms.eval_weighting(self.cfg)
         self.capacity = capacity
         self.slots: OrderedDict[int, ClientSlot] = OrderedDict()
