@@ -178,17 +178,24 @@ class ServingEngine:
         return mode
 
     def validate(self, req: Request) -> None:
-        """Raise UnknownClient / ValueError for a request that cannot be served."""
-        with self.lock:
-            self.refresh()
-            slot = self.slot(req.client_id)
-            self._mode(req, slot)
-            if req.task == "generate" and self.kind != "causal_lm":
-                raise ValueError(
-                    "this run's model is multiple_choice: it scores OPTIONS, it does not generate"
-                )
-            if req.task == "predict" and len(req.example.options) < 2:
-                raise ValueError("predict needs two or more OPTIONS")
+        """Raise UnknownClient / ValueError for a request that cannot be served.
+
+        A resident client is checked without the lock, so requests keep validating (and joining
+        the next batch) while a batch runs; a miss loads the client under the lock. `run_batch`
+        resolves every slot again under the lock, so an eviction in between only costs a reload.
+        """
+        slot = self.slots.get(req.client_id)  # a dict read: atomic, never a torn slot
+        if slot is None:
+            with self.lock:
+                self.refresh()
+                slot = self.slot(req.client_id)
+        self._mode(req, slot)
+        if req.task == "generate" and self.kind != "causal_lm":
+            raise ValueError(
+                "this run's model is multiple_choice: it scores OPTIONS, it does not generate"
+            )
+        if req.task == "predict" and len(req.example.options) < 2:
+            raise ValueError("predict needs two or more OPTIONS")
 
     def run_batch(self, requests: list[Request]) -> list[Result]:
         """Serve a batch of (possibly) many clients' requests in one pass."""

@@ -300,6 +300,24 @@ def test_new_round_is_rolled_out_at_the_next_batch(run, client_items, tmp_path):
     assert live.version == "round_00003" and list(live.slots) == [3]
 
 
+def test_resident_clients_validate_while_a_batch_runs(run, client_items):
+    """Requests of resident clients are checked without the batch lock (so they can join the next
+    batch while one runs); a client that must be loaded waits for the running batch."""
+    live = ServingEngine(run)
+    serve_one(live, Request(0, client_items[0][0]))
+    loader = threading.Thread(target=live.validate, args=(Request(3, client_items[3][0]),))
+    with live.lock:  # as while run_batch holds the engine
+        done = threading.Thread(target=live.validate, args=(Request(0, client_items[0][1]),))
+        done.start()
+        done.join(timeout=10)
+        assert not done.is_alive()  # resident: validated without waiting
+        loader.start()
+        time.sleep(0.2)
+        assert 3 not in live.slots  # not resident: waits for the lock
+    loader.join(timeout=30)
+    assert 3 in live.slots
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 
