@@ -49,12 +49,7 @@ class LocalBackend:
         return (await asyncio.to_thread(self.engine.run_batch, [req]))[0]
 
     async def describe(self) -> dict:
-        self.engine.refresh()
-        return {
-            "clients": self.engine.clients,
-            "version": self.engine.version,
-            "kind": self.engine.kind,
-        }
+        return self.engine.describe()
 
 
 @dataclass(frozen=True)

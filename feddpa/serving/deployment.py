@@ -48,12 +48,7 @@ class Personalizer:
         return await asyncio.to_thread(self.engine.run_batch, reqs)
 
     def describe(self) -> dict:
-        self.engine.refresh()
-        return {
-            "clients": self.engine.clients,
-            "version": self.engine.version,
-            "kind": self.engine.kind,
-        }
+        return self.engine.describe()
 
 
 class RayBackend:
@@ -96,7 +91,12 @@ def build_application(options: ServeOptions):
         },
         max_ongoing_requests=max(64, options.max_batch_size * 4),
     )(Personalizer).bind(options)
-    ingress = serve.deployment(ray_actor_options={"num_cpus": 0.1})(Ingress)
+    # as many requests in flight through the ingress as the Personalizer accepts (Serve's default
+    # of 5 would cap a batch at 5 requests)
+    ingress = serve.deployment(
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=max(64, options.max_batch_size * 4),
+    )(Ingress)
     return ingress.bind(personalizer, options)
 
 

@@ -108,6 +108,17 @@ class ServingEngine:
                 log.info("serving %s (%d clients)", latest.name, len(self.clients))
             return True
 
+    def describe(self) -> dict:
+        """{"clients", "version", "kind"} without waiting for a running batch: the ingress asks on
+        every request, and blocking here would hold requests back from the next batch. When the
+        engine is idle it first picks up a newly committed round."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self.refresh()
+            finally:
+                self.lock.release()
+        return {"clients": self.clients, "version": self.version, "kind": self.kind}
+
     def _evict(self, cid: int) -> None:
         slot = self.slots.pop(cid)
         if slot.has_local:

@@ -318,6 +318,30 @@ def test_resident_clients_validate_while_a_batch_runs(run, client_items):
     assert 3 in live.slots
 
 
+def test_describe_never_waits_for_a_running_batch(run, client_items, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    live = ServingEngine(copy)
+    commit_scaled_global(copy, 2.0)
+    held, release = threading.Event(), threading.Event()
+
+    def batch() -> None:  # holds the engine as run_batch does, in another thread
+        with live.lock:
+            held.set()
+            release.wait(timeout=30)
+
+    runner = threading.Thread(target=batch)
+    runner.start()
+    held.wait(timeout=10)
+    t0 = time.perf_counter()
+    info = live.describe()  # answers with the version being served
+    assert time.perf_counter() - t0 < 1.0
+    assert info["version"] == "round_00001" and info["kind"] == "multiple_choice"
+    release.set()
+    runner.join(timeout=10)
+    assert live.describe()["version"] == "round_00002"  # idle: picks up the new round
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 
