@@ -357,6 +357,8 @@ def load_test(run_dir: Path, p: Profile) -> tuple[dict, dict]:
             log.info("c=%d: %.2f req/s, p50 %.0f ms", c, curve[-1]["rps"], curve[-1]["p50_ms"])
         k = knee(curve)
         main = closed_loop(url, k, p.load_s, items, seed=1000)
+        personalizer = serve.get_deployment_handle("Personalizer", app_name="feddpa")
+        batches = personalizer.batch_sizes.remote().result()  # {size: count}, whole run
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -366,7 +368,9 @@ def load_test(run_dir: Path, p: Profile) -> tuple[dict, dict]:
     figures |= {"load_errors": (main["errors"], "<=", 0), "load_knee_concurrency": (k, None, None)}
     details = {"serve": "ServeOptions(run_dir, cpus_per_replica=1): 1 replica, max_batch_size 16, 5 ms",
                "requests": "POST /v1/clients/{cid}/predict, random client x random synthetic test item",
-               "startup_s": startup_s, "curve": curve, "load": main}  # fmt: skip
+               "startup_s": startup_s, "curve": curve, "load": main,
+               "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
+               "mean_batch_size": sum(k * v for k, v in batches.items()) / sum(batches.values())}  # fmt: skip
     return figures, {"load_test": details}
 
 

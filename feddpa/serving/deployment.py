@@ -1,8 +1,9 @@
 """Ray Serve application: an HTTP ingress (the FastAPI app) in front of the `Personalizer`
-deployment. Each replica batches requests of many clients together (`serve.batch`) and holds
-clients' local adapters in the engine's LRU. Serve's model multiplexing is deliberately not used:
-in Ray 2.60 `serve.batch` splits a batch by multiplexed model id, which would defeat mixed-client
-batches (measured: batches of 1-2 at concurrency 16)."""
+deployment. Each replica batches requests of many clients together and holds clients' local
+adapters in the engine's LocalStack (LRU). Batches are formed by our `Batcher` when the engine
+becomes free, not by `serve.batch`, which in Ray 2.60 forms batches eagerly while one is running
+(batches of 1-3 at concurrency 8, measured). Serve's model multiplexing is not used either: in
+Ray 2.60 it splits batches by multiplexed model id, which would defeat mixed-client batches."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from feddpa.serving.app import AppState, Limits, build_app
 from feddpa.serving.auth import TokenStore
+from feddpa.serving.batcher import Batcher
 from feddpa.serving.engine import Request, Result, ServingEngine
 
 
@@ -34,18 +36,17 @@ class ServeOptions:
 class Personalizer:
     def __init__(self, options: ServeOptions) -> None:
         self.engine = ServingEngine(options.run_dir, options.capacity)
-        self.batched.set_max_batch_size(options.max_batch_size)  # type: ignore[attr-defined]
-        self.batched.set_batch_wait_timeout_s(options.batch_wait_s)  # type: ignore[attr-defined]
+        self.batcher = Batcher(self.engine.run_batch, options.max_batch_size, options.batch_wait_s)
 
     async def run(self, req: Request) -> Result:
         # validated alone (loading the client into the engine's LRU), so a bad request fails
         # alone and not its whole batch
         await asyncio.to_thread(self.engine.validate, req)
-        return await self.batched(req)
+        return await self.batcher.submit(req)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def batched(self, reqs: list[Request]) -> list[Result]:
-        return await asyncio.to_thread(self.engine.run_batch, reqs)
+    def batch_sizes(self) -> dict[int, int]:
+        """{batch size: batches run} so far (benchmarks, tests)."""
+        return dict(self.batcher.sizes)
 
     def describe(self) -> dict:
         return self.engine.describe()

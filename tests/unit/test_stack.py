@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_adapters import lora_config, out, randomize, tiny_bert
 
 from feddpa.core.adapters import (
     LOCAL,
@@ -14,7 +15,6 @@ from feddpa.core.adapters import (
     mixed,
 )
 from feddpa.core.stack import LocalStack
-from tests.unit.test_adapters import lora_config, out, randomize, tiny_bert
 
 
 def client_state(model, seed: int) -> dict[str, torch.Tensor]:

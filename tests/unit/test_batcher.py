@@ -1,0 +1,83 @@
+"""The serving replica's opportunistic batcher (pure asyncio, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from feddpa.serving.batcher import Batcher
+
+
+def slow_echo(seconds: float, calls: list[list[int]]):
+    def run(batch: list[int]) -> list[int]:
+        calls.append(list(batch))
+        time.sleep(seconds)
+        return [x * 10 for x in batch]
+
+    return run
+
+
+def test_requests_arriving_during_a_batch_all_join_the_next_one():
+    calls: list[list[int]] = []
+    batcher = Batcher(slow_echo(0.2, calls), max_batch_size=16, wait_s=0.005)
+
+    async def main() -> list[int]:
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)  # batch [0] is running
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 10)]
+        return await asyncio.gather(first, *rest)
+
+    assert asyncio.run(main()) == [i * 10 for i in range(10)]
+    assert calls == [[0], list(range(1, 10))]
+    assert batcher.sizes == {1: 1, 9: 1}
+
+
+def test_batches_respect_the_maximum_size():
+    calls: list[list[int]] = []
+    batcher = Batcher(slow_echo(0.0, calls), max_batch_size=4, wait_s=0.05)
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(batcher.submit(i) for i in range(10)))
+
+    assert asyncio.run(main()) == [i * 10 for i in range(10)]
+    assert [len(c) for c in calls] == [4, 4, 2]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():
+    def run(batch: list[int]) -> list[int]:
+        if 13 in batch:
+            raise ValueError("bad item 13")
+        return batch
+
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.0)
+
+    async def main():
+        with pytest.raises(ValueError, match="bad item 13"):
+            await batcher.submit(13)
+        return await batcher.submit(7)
+
+    assert asyncio.run(main()) == 7
+
+
+def test_the_batch_runs_off_the_event_loop():
+    loop_thread: list[int] = []
+    batch_thread: list[int] = []
+
+    def run(batch: list[int]) -> list[int]:
+        batch_thread.append(threading.get_ident())
+        return batch
+
+    async def main():
+        loop_thread.append(threading.get_ident())
+        return await Batcher(run, 2, 0.0).submit(1)
+
+    assert asyncio.run(main()) == 1
+    assert batch_thread[0] != loop_thread[0]
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Batcher(lambda b: b, 0, 0.0)
