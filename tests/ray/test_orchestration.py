@@ -65,14 +65,18 @@ def test_only_global_adapter_reaches_driver(ray_local, tmp_path):
 
 
 class KillingExecutor(RayExecutor):
-    """Kills the actor owning client 0 while round 0 is in flight (Ray restarts it)."""
+    """At round 0's first result, kills the actor that produced it (Ray restarts it). An actor runs
+    its clients one after the other, so its next client's call has been pushed to it and is
+    running or queued there: that call fails. (Killing another actor raced: it could finish all
+    its clients first; killing before any result raced too: calls not yet pushed to an actor are
+    sent to its restarted instance and succeed.)"""
 
     killed: list = []
 
     def fit(self, step, client_ids, global_state, stage):
-        for i, result in enumerate(super().fit(step, client_ids, global_state, stage)):
-            if step == 0 and i == 0 and not KillingExecutor.killed:
-                victim = self.owner[client_ids[-1]]
+        for result in super().fit(step, client_ids, global_state, stage):
+            if step == 0 and not KillingExecutor.killed:
+                victim = self.owner[result.client_id]
                 KillingExecutor.killed.append(self.blocks[self.actors.index(victim)])
                 ray_kill(victim)
             yield result
