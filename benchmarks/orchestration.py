@@ -14,12 +14,10 @@ Writes `orchestration.json` (a top-level key per figure, plus targets/details/me
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -36,8 +34,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import psutil  # noqa: E402
-import ray  # noqa: E402
 import torch  # noqa: E402
+from bench_common import fmt, machine_info, write_results  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from feddpa.core.adapters import fresh_adapter_state  # noqa: E402
@@ -306,24 +304,6 @@ def setup_logging() -> None:
     logging.getLogger("feddpa").setLevel(logging.WARNING)
 
 
-def machine_info() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")]
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": names[0] if names else platform.processor(),
-        "ram_gib": psutil.virtual_memory().total / 2**30,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def fmt(x: float) -> str:
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
 def table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
@@ -399,13 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": time.perf_counter() - t0,
         "loadavg_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
     }
-    result: dict = {k: v[0] for k, v in figures.items()}
-    result["targets"] = {k: f"{op} {bound:g}" for k, (_, op, bound) in figures.items()}
-    result |= {"details": details, "meta": meta}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "orchestration.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "orchestration.md").write_text(render_markdown(figures, details, meta))
-    log.info("wrote %s in %.0f s", args.out / "orchestration.json", meta["total_s"])
+    write_results(
+        args.out, "orchestration", figures, details, meta, render_markdown(figures, details, meta)
+    )
     return 0
 
 

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import logging
 import os
-import platform
 import random
 import shlex
 import socket
@@ -48,6 +46,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from bench_common import fmt, machine_info, write_results  # noqa: E402
 from ray import serve  # noqa: E402
 
 from feddpa.core.adapters import GLOBAL_ONLY, Mix  # noqa: E402
@@ -374,19 +373,6 @@ def load_test(run_dir: Path, p: Profile) -> tuple[dict, dict]:
     return figures, {"load_test": details}
 
 
-def machine_info() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")]
-    return {"cpu_count": os.cpu_count(), "cpu_model": names[0] if names else platform.processor(),
-            "ram_gib": psutil.virtual_memory().total / 2**30, "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ray": ray.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-
-
-def fmt(x) -> str:
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
 def render_markdown(figures: dict[str, Figure], det: dict, meta: dict) -> str:
     out = ["# Serving benchmark", "", f"Command: `{meta['command']}` ({meta['profile']} profile)", "",
         f"Machine: {meta['cpu_count']} CPUs ({meta['cpu_model']}), {meta['ram_gib']:.1f} GiB RAM, "
@@ -466,13 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         "profile": "quick" if args.quick else "default",
         "profile_settings": {k: str(v) for k, v in asdict(profile).items()},
         "total_s": time.perf_counter() - t0, "loadavg_start": load0, "loadavg_end": loadavg()}  # fmt: skip
-    result: dict = {k: v[0] for k, v in figures.items()}
-    result["targets"] = {k: f"{op} {b:g}" if op else None for k, (_, op, b) in figures.items()}
-    result |= {"details": details, "meta": meta}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "serving.md").write_text(render_markdown(figures, details, meta))
-    log.info("wrote %s in %.0f s", args.out / "serving.json", meta["total_s"])
+    write_results(
+        args.out, "serving", figures, details, meta, render_markdown(figures, details, meta)
+    )
     return 0
 
 

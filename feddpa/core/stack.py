@@ -30,7 +30,6 @@ class LocalStack:
     def __init__(self, model: nn.Module, slots: int = 8) -> None:
         layers = list(lora_layers(model))
         names = {id(m): name for name, m in model.named_modules()}
-        self.model = model
         self.keys: dict[str, tuple[int, str]] = {}  # PEFT key -> (layer index, "A" | "B")
         self.A: list[torch.Tensor] = []  # per layer (S, r, in)
         self.B: list[torch.Tensor] = []  # per layer (S, out, r)
@@ -53,10 +52,10 @@ class LocalStack:
         return self.A[0].shape[0] if self.A else 0
 
     def _grow(self) -> None:
-        n = max(1, self.capacity)
-        self.A = [torch.cat([t, t.new_zeros(t.shape)]) for t in self.A]
-        self.B = [torch.cat([t, t.new_zeros(t.shape)]) for t in self.B]
-        self.free = list(range(2 * n - 1, n - 1, -1)) + self.free
+        old, n = self.capacity, max(1, self.capacity)  # doubles; a 0-slot stack gets 1
+        self.A = [torch.cat([t, t.new_zeros((n, *t.shape[1:]))]) for t in self.A]
+        self.B = [torch.cat([t, t.new_zeros((n, *t.shape[1:]))]) for t in self.B]
+        self.free = list(range(old + n - 1, old - 1, -1)) + self.free
 
     def put(self, state: AdapterState, owner: str = "adapter") -> int:
         """Copy an adapter (PEFT key format) into a free slot; returns the slot."""
