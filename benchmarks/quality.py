@@ -35,6 +35,8 @@ from feddpa.orchestrator.reevaluate import RunEvaluator  # noqa: E402
 from feddpa.orchestrator.report import markdown_table, run_summary, write_report  # noqa: E402
 
 DATASET1 = Path(__file__).resolve().parents[2] / "shared/data/feddpa/dataset1"  # read by path
+DEFAULT_WEIGHTING = {"mode": "bank", "weight_on": "global", "lam": 0.5}  # the reference code's
+TRAIN_CAP = 100  # the full profile's training items per client (dataset 1 has 300 per client)
 MC_TASKS = ["definite_pronoun_resolution", "snli", "cola", "glue_qqp", "trec", "wic"]
 METHODS = ["fedit", "feddpa_t", "feddpa_f", "local", "centralized"]
 RUNS = ["feddpa_f", "feddpa_t", "local", "centralized"]  # fedit comes from feddpa_f's rounds
@@ -49,7 +51,21 @@ PROFILES = {
         "test_cap": 20,
         "lr": 1e-3,
     },
+    # The closest to the paper that fits one session on the 2-core CPU box (3 seeds, both
+    # benchmarks, ≈ 70 min with --jobs 2): one task per client and every client every round as
+    # in the paper, but 5 rounds (not 20), 1 epoch per phase (not 10), TRAIN_CAP training items
+    # per client (not all 300) and 25 test items per task.
     "full": {
+        "rounds": 5,
+        "epochs": 1,
+        "local_epochs": 1,
+        "finetune_epochs": 1,
+        "train_per_task": TRAIN_CAP,
+        "test_cap": 25,
+        "lr": 1e-3,
+    },
+    # What ran on an H100 in an earlier session (results/raw/quality-full-*-device.json).
+    "device": {
         "rounds": 5,
         "epochs": 2,
         "local_epochs": 2,
@@ -69,6 +85,7 @@ def base_config(
     model_path: str,
     device: str,
     dataset1: Path = DATASET1,
+    weighting: dict | None = None,
 ) -> dict:
     data: dict = {
         "source": "synthetic",
@@ -77,7 +94,13 @@ def base_config(
         "seed": seed,
     }
     if bench == "dataset1":
-        data = {"source": "feddpa", "path": str(dataset1), "tasks": MC_TASKS, "seed": seed}
+        data = {
+            "source": "feddpa",
+            "path": str(dataset1),
+            "tasks": MC_TASKS,
+            "max_train_per_client": profile["train_per_task"],
+            "seed": seed,
+        }
     return {
         "name": bench,
         "seed": seed,
@@ -97,7 +120,11 @@ def base_config(
             "micro_batch_size": 16,
             "lr": profile["lr"],
         },
-        "weighting": {"mode": "bank", "weight_on": "global", "lam": 0.5},
+        # Local and Centralized never mix adapters: they keep the default, so the choice made on
+        # held-out data does not change (and retrain) them.
+        "weighting": dict(weighting or DEFAULT_WEIGHTING)
+        if method.startswith("feddpa")
+        else dict(DEFAULT_WEIGHTING),
         "eval": {"every": 1, "batch_size": 128, "max_test_per_task": profile["test_cap"]},
     }
 
@@ -164,6 +191,30 @@ def learnability(run_dirs: dict[str, Path], local_summary: dict) -> list[dict]:
     return rows
 
 
+def learnable_tasks(rows: list[dict], margin: float = 0.05) -> list[str]:
+    """Tasks where Local beats both zero-shot and the majority class by `margin` (seed 0)."""
+    return [r["task"] for r in rows if r["local"] >= max(r["zero_shot"], r["majority"]) + margin]
+
+
+def over_tasks(per_seed: list[dict], tasks: list[str]) -> dict:
+    """P and TTP restricted to `tasks`: clients of those tasks, scored on those tasks' items."""
+    out = {}
+    for method in METHODS:
+        p_vals, ttp_vals = [], []
+        for summary in per_seed:
+            clients = [
+                c
+                for c in summary[method]["final"]["clients"].values()
+                if set(c["tasks"]) <= set(tasks)
+            ]
+            p_vals.append(statistics.mean(c["P"] for c in clients))
+            ttp_vals.append(
+                statistics.mean(statistics.mean(c["per_task"][t] for t in tasks) for c in clients)
+            )
+        out[method] = {"P": statistics.mean(p_vals), "TTP": statistics.mean(ttp_vals)}
+    return out
+
+
 def holdout_config(raw: dict) -> dict:
     """The same run trained on 80 % of each client's data, evaluated on the other 20 %."""
     raw = json.loads(json.dumps(raw))
@@ -179,7 +230,8 @@ def ablation(out: Path, raw: dict) -> list[dict]:
     variants = [
         ("global", m, lam) for m in ("sample", "bank", "bank_top5", "fixed") for lam in (0.5,)
     ]
-    variants += [("local", m, 0.5) for m in ("sample", "bank", "bank_top5", "fixed")]
+    # fixed 0.5 is the same mix in both directions: it appears once
+    variants += [("local", m, 0.5) for m in ("sample", "bank", "bank_top5")]
     variants += [("global", "bank", lam) for lam in (0.25, 1.0)] + [
         ("local", "bank", lam) for lam in (0.25, 1.0)
     ]
@@ -251,19 +303,46 @@ def render_markdown(result: dict) -> str:
         "",
         f"Profile: `{json.dumps(result['profile'])}`",
         "",
+        "FedDPA's weighting (chosen on held-out training data, below): "
+        f"`{json.dumps(result['weighting'])}`. Plots and per-client CSV: "
+        "`quality-<profile>-<benchmark>/` beside this file.",
+        "",
     ]
+    if result["ablation_holdout"]:
+        lines += [
+            "## Weighting ablation",
+            "",
+            "FedDPA-T on the synthetic benchmark, seed 0, trained on 80 % of each client's training "
+            "data and scored on the other 20 % (never the test split). P: a client's own held-out "
+            "items; TTP: all clients' held-out items. The mixing variant with the best P + TTP is "
+            "the one every FedDPA run below uses.",
+            "",
+            "| weight on | mode | λ | P | TTP |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in result["ablation_holdout"]:
+            lines.append(
+                f"| {r['weight_on']} | {r['mode']} | {r['lam']} | {pct(r['P'])} | {pct(r['TTP'])} |"
+            )
+        lines.append("")
     for bench, entry in result["benchmarks"].items():
         lines += [
             f"## {bench}",
             "",
             f"Seeds {entry['seeds']}; all training runs took {result.get('train_wall_s', 0):.0f} s "
-            f"wall time (in parallel processes), this benchmark's evaluation {entry['wall_s']:.0f} s.",
+            f"wall time (in parallel processes), this benchmark's evaluation {entry['wall_s']:.0f} s. "
+            f"Training items per client: {entry['train_items_per_client']}.",
             "",
         ]
-        lines += ["| method | P (mean ± std) | TTP (mean ± std) |", "|---|---:|---:|"]
+        lines += [
+            "| method | P (mean ± std) | TTP (mean ± std) | P per seed | TTP per seed |",
+            "|---|---:|---:|---|---|",
+        ]
         for m, a in entry["methods"].items():
+            per = [", ".join(pct(v) for v in a[k]["per_seed"]) for k in ("P", "TTP")]
             lines.append(
-                f"| {m} | {pct(a['P']['mean'])} ± {pct(a['P']['std'])} | {pct(a['TTP']['mean'])} ± {pct(a['TTP']['std'])} |"
+                f"| {m} | {pct(a['P']['mean'])} ± {pct(a['P']['std'])} | "
+                f"{pct(a['TTP']['mean'])} ± {pct(a['TTP']['std'])} | {per[0]} | {per[1]} |"
             )
         lines += [
             "",
@@ -283,19 +362,72 @@ def render_markdown(result: dict) -> str:
                     f"| {r['task']} | {r['options']} | {pct(r['zero_shot'])} | {pct(r['local'])} | {pct(r['majority'])} |"
                 )
             lines.append("")
-        if "ablation_holdout" in entry:
+        if "learnable" in entry:
             lines += [
-                "Weighting ablation (FedDPA-T, seed 0, scored on 20 % held-out training data):",
+                f"Over the learnable tasks only ({', '.join(entry['learnable_tasks'])}: Local "
+                "≥ 5 points above zero-shot and the majority class), mean over seeds:",
                 "",
-                "| weight on | mode | λ | P | TTP |",
-                "|---|---|---:|---:|---:|",
+                "| method | P | TTP |",
+                "|---|---:|---:|",
             ]
-            for r in entry["ablation_holdout"]:
-                lines.append(
-                    f"| {r['weight_on']} | {r['mode']} | {r['lam']} | {pct(r['P'])} | {pct(r['TTP'])} |"
-                )
+            for m, a in entry["learnable"].items():
+                lines.append(f"| {m} | {pct(a['P'])} | {pct(a['TTP'])} |")
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def choose_weighting(rows: list[dict]) -> dict:
+    """The mixing variant (not global/local alone) with the best mean of held-out P and TTP."""
+    mixed = [r for r in rows if r["mode"] not in ("global_only", "local_only")]
+    best = max(mixed, key=lambda r: r["P"] + r["TTP"])  # first of equals: the reference order
+    choice = {"mode": best["mode"], "weight_on": best["weight_on"], "lam": best["lam"]}
+    if best["mode"] == "bank_top5":
+        choice.update(mode="bank", topk=5)
+    return choice
+
+
+def set_threads(jobs: int) -> None:
+    """Parallel runs share the cores instead of oversubscribing them."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+
+
+def train_all(args: argparse.Namespace, cfg, benches: list[str], seeds_of) -> tuple[dict, list]:
+    """Train every run; returns FedDPA's weighting (chosen on held-out data) and the ablation rows.
+
+    Local and Centralized do not depend on the weighting, so they train while the held-out
+    FedDPA-T run is trained and ablated; the FedDPA runs start once the weighting is chosen.
+    """
+    from concurrent.futures import ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    work = args.work
+    fixed = [cfg(b, s, m) for b in benches for s in seeds_of(b) for m in ("local", "centralized")]
+    with ProcessPoolExecutor(args.jobs, get_context("spawn"), set_threads, (args.jobs,)) as pool:
+        pending = []
+        rows: list[dict] = []
+        weighting = dict(DEFAULT_WEIGHTING)
+        if not args.no_ablation:
+            holdout = pool.submit(run_method, work, holdout_config(cfg("synthetic", 0, "feddpa_t")))
+            pending += [pool.submit(run_method, work, raw) for raw in fixed]
+            holdout.result()
+            set_threads(args.jobs + 1)
+            rows = ablation(work, cfg("synthetic", 0, "feddpa_t"))
+            weighting = choose_weighting(rows)
+            print("weighting chosen on held-out data:", json.dumps(weighting), flush=True)
+        else:
+            pending += [pool.submit(run_method, work, raw) for raw in fixed]
+        pending += [
+            pool.submit(run_method, work, cfg(b, s, m, weighting))
+            for b in benches
+            for s in seeds_of(b)
+            for m in ("feddpa_f", "feddpa_t")
+        ]
+        wait(pending)
+        for f in pending:
+            f.result()  # re-raise a failed run
+    return weighting, rows
 
 
 def main() -> int:
@@ -311,7 +443,11 @@ def main() -> int:
     ap.add_argument("--model", default="minilm", help="model.path (default: the embedded MiniLM)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument(
+        "--no-ablation",
+        action="store_true",
+        help="skip the held-out weighting ablation; FedDPA uses the reference weighting",
+    )
     ap.add_argument(
         "--dataset1", type=Path, default=DATASET1, help="dataset 1 directory (read in place)"
     )
@@ -320,56 +456,53 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     profile = PROFILES[args.profile]
-    work = args.work or args.out / f"quality-{args.profile}"
+    args.work = args.work or args.out / f"quality-{args.profile}"
     benches = ["synthetic", "dataset1"] if args.bench == "both" else [args.bench]
+    dataset1 = args.dataset1.resolve()
 
-    def cfg(bench: str, seed: int, method: str) -> dict:
+    def cfg(bench: str, seed: int, method: str, weighting: dict | None = None) -> dict:
         return base_config(
-            bench, profile, seed, method, args.model, args.device, args.dataset1.resolve()
+            bench, profile, seed, method, args.model, args.device, dataset1, weighting
         )
 
     def seeds_of(bench: str) -> list[int]:
         return (args.dataset1_seeds or args.seeds) if bench == "dataset1" else args.seeds
 
-    jobs = [cfg(b, seed, m) for b in benches for seed in seeds_of(b) for m in RUNS]
-    if "synthetic" in benches and not args.no_ablation:
-        jobs.insert(len(args.seeds) * len(RUNS), holdout_config(cfg("synthetic", 0, "feddpa_t")))
     t0 = time.perf_counter()
-    if args.jobs > 1:  # train everything first, in parallel processes; the loop below reuses runs
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            list(pool.map(run_method, [work] * len(jobs), jobs))
+    weighting, rows = train_all(args, cfg, benches, seeds_of)
+    set_threads(1)
     result: dict = {
         "command": "python " + " ".join(sys.argv),
         "profile": {args.profile: profile},
         "train_wall_s": time.perf_counter() - t0,  # all training runs, in parallel with --jobs
+        "weighting": weighting,
+        "ablation_holdout": rows,
         "benchmarks": {},
     }
     for bench in benches:
         start = time.perf_counter()
         per_seed, first_runs = [], {}
         for seed in seeds_of(bench):
-            runs = {
-                m: run_method(work, base_config(bench, profile, seed, m, args.model, args.device))
-                for m in RUNS
-            }
+            runs = {m: run_method(args.work, cfg(bench, seed, m, weighting)) for m in RUNS}
             per_seed.append(summaries_for(runs))
             first_runs = first_runs or runs
         agg = aggregate(per_seed)
         entry = {
             "methods": agg,
             "targets": targets(agg),
-            "seeds": args.seeds,
-            "wall_s": time.perf_counter() - start,
+            "seeds": seeds_of(bench),
+            "table_seed0": markdown_table(per_seed[0]),
+            "train_items_per_client": [
+                c.num_examples for c in run_manifest(first_runs["local"]).clients
+            ],
         }
-        entry["table_seed0"] = markdown_table(per_seed[0])
-        write_report(per_seed[0], work / bench, f"{bench} ({args.profile}, seed {args.seeds[0]})")
+        title = f"{bench} ({args.profile}, seed {seeds_of(bench)[0]})"
+        write_report(per_seed[0], args.out / f"quality-{args.profile}-{bench}", title)
         if bench == "dataset1":
             entry["learnability"] = learnability(first_runs, per_seed[0]["local"])
-        if bench == "synthetic" and not args.no_ablation:
-            entry["ablation_holdout"] = ablation(work, cfg(bench, 0, "feddpa_t"))
+            entry["learnable_tasks"] = learnable_tasks(entry["learnability"])
+            if entry["learnable_tasks"]:
+                entry["learnable"] = over_tasks(per_seed, entry["learnable_tasks"])
         entry["wall_s"] = time.perf_counter() - start
         result["benchmarks"][bench] = entry
         write_results(args.out, args.profile, result)  # after each benchmark: partial runs keep it

@@ -56,6 +56,9 @@ class DataConfig(_Frozen):
     alpha: float = Field(0.5, gt=0)
     train_per_task: int = Field(300, gt=0)
     test_per_task: int = Field(50, gt=0)
+    max_train_per_client: int | None = Field(
+        None, gt=0, description="keep a seeded random subset of this many items per client"
+    )
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
     seed: int = 0
 

@@ -1,7 +1,7 @@
 """Loading, validation, partitioning and Parquet shards of instruction data for FedDPA.
 
 Load (`load_records`, `load_feddpa_release`, `load_files`) → split across clients
-(`partition_by_task`, `partition_dirichlet`, `partition_iid`, `split_holdout`) → write per-client
+(`partition_by_task`, `partition_dirichlet`, `partition_iid`, `split_holdout`, `subsample`) → write per-client
 shards (`write_shards`) that actors read back (`read_manifest`, `read_shard`, `read_test`).
 Every problem with the data raises `DataError`, naming the file, line, field and fix.
 """
@@ -19,6 +19,7 @@ from feddpa.datasets.partition import (
     partition_dirichlet,
     partition_iid,
     split_holdout,
+    subsample,
 )
 from feddpa.datasets.shards import (
     Manifest,
@@ -45,5 +46,6 @@ __all__ = [
     "read_shard",
     "read_test",
     "split_holdout",
+    "subsample",
     "write_shards",
 ]

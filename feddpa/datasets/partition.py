@@ -100,6 +100,15 @@ def split_holdout(
     return train, holdout
 
 
+def subsample(examples: Sequence[Example], limit: int | None, seed: int) -> list[Example]:
+    """`limit` examples drawn without replacement (seeded), in their input order; all if fewer."""
+    if limit is None or len(examples) <= limit:
+        return list(examples)
+    _require_positive("limit", limit)
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:limit])
+    return [examples[i] for i in keep]
+
+
 def _dirichlet_draw(
     rng: np.random.Generator, by_task: list[np.ndarray], num_clients: int, alpha: float
 ) -> list[np.ndarray]:

@@ -1,4 +1,8 @@
-"""From a data config to per-client Parquet shards: load → filter → partition → (hold out) → write.
+"""From a data config to per-client Parquet shards: load → filter → partition → (cap) → (hold out)
+→ write.
+
+`data.max_train_per_client` keeps a seeded random subset of each client's training items (in their
+order), for budgets smaller than the source.
 
 With `data.holdout_fraction > 0` each client keeps that share of its training data aside and the
 run evaluates on those held-out items instead of the test split — the mode for choosing
@@ -19,6 +23,7 @@ from feddpa.datasets.partition import (
     partition_dirichlet,
     partition_iid,
     split_holdout,
+    subsample,
 )
 from feddpa.datasets.shards import Manifest, write_shards
 from feddpa.datasets.synthetic import SYNTHETIC_TASKS, generate_synthetic
@@ -87,7 +92,10 @@ def prepare_shards(
     data = keep_tasks(load_source(cfg), cfg.tasks)
     if model_kind == "multiple_choice":
         require_options(data)
-    clients = partition(data, cfg)
+    clients = [
+        subsample(c, cfg.max_train_per_client, cfg.seed + i)
+        for i, c in enumerate(partition(data, cfg))
+    ]
     test = list(data.test)
     if cfg.holdout_fraction > 0:
         splits = [

@@ -25,6 +25,7 @@ from feddpa.datasets import (
     read_shard,
     read_test,
     split_holdout,
+    subsample,
     write_shards,
 )
 
@@ -241,6 +242,29 @@ def test_split_holdout_stratified_and_deterministic() -> None:
     assert len(train) == 24 and not set(train) & set(holdout)
     assert (train, holdout) == split_holdout(examples, 0.2, seed=5)
     assert split_holdout(examples, 0.0, seed=5) == (examples, [])
+
+
+def test_subsample_keeps_order_is_seeded_and_caps_only_when_needed() -> None:
+    examples = pool(3, 10)
+    kept = subsample(examples, 7, seed=1)
+    assert len(kept) == 7 and len(set(kept)) == 7
+    assert kept == sorted(kept, key=examples.index)  # input order preserved
+    assert kept == subsample(examples, 7, seed=1)
+    assert kept != subsample(examples, 7, seed=2)
+    assert subsample(examples, 30, seed=1) == examples
+    assert subsample(examples, None, seed=1) == examples
+
+
+def test_prepare_caps_each_client_before_the_holdout(tmp_path: Path) -> None:
+    from feddpa.core.config import DataConfig
+    from feddpa.datasets.prepare import prepare_shards
+
+    cfg = DataConfig(train_per_task=12, test_per_task=2, max_train_per_client=10)
+    manifest = prepare_shards(cfg, tmp_path / "a", model_kind="multiple_choice")
+    assert [c.num_examples for c in manifest.clients] == [10] * 8
+    held = cfg.model_copy(update={"holdout_fraction": 0.2})
+    manifest = prepare_shards(held, tmp_path / "b", model_kind="multiple_choice")
+    assert [c.num_examples for c in manifest.clients] == [8] * 8
 
 
 # ---------------------------------------------------------------- shards
