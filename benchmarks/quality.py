@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,36 +164,55 @@ def summaries_for(runs: dict[str, Path]) -> dict:
     return {m: out[m] for m in METHODS}
 
 
-def learnability(run_dirs: dict[str, Path], local_summary: dict) -> list[dict]:
-    """Per task: zero-shot (base model), Local (own data), and the majority-class baseline."""
-    evaluator = RunEvaluator(run_dirs["local"])
+def constant_answer(train: list) -> Callable:
+    """The best constant prediction learned from `train`: the most common label when every item
+    offers the same options, else the most common answer position (options differ per item)."""
+    if len({frozenset(ex.options) for ex in train}) == 1:
+        label = Counter(ex.output for ex in train).most_common(1)[0][0]
+        return lambda ex: ex.output == label
+    position = Counter(ex.options.index(ex.output) for ex in train).most_common(1)[0][0]
+    return lambda ex: ex.options.index(ex.output) == position
+
+
+def learnability_seed(local_run: Path, local_summary: dict) -> list[dict]:
+    """Per task, one seed: zero-shot (base model), Local (own data), the constant answer."""
+    evaluator = RunEvaluator(local_run)
     host = evaluator.executor.host
     zero = host.evaluate_global(host.initial_global())  # fresh adapters: B = 0, the base model
     test = evaluator.test
     rows = []
-    for cid, info in enumerate(run_manifest(run_dirs["local"]).clients):
+    for cid, info in enumerate(run_manifest(local_run).clients):
         task = sorted(info.tasks)[0]
-        items = [i for i, ex in enumerate(test) if ex.task == task]
-        train_labels = (
-            Counter(ex.output for ex in host.clients.get(cid, None).data)
-            if cid in host.clients
-            else Counter()
-        )
-        majority = train_labels.most_common(1)[0][0] if train_labels else ""
+        items = [ex for ex in test if ex.task == task]
+        correct = constant_answer(list(host.clients[cid].data))
         rows.append(
             {
                 "task": task,
-                "options": len(test[items[0]].options),
-                "zero_shot": statistics.mean(zero.scores[i] for i in items),
+                "options": len(items[0].options),
+                "zero_shot": statistics.mean(
+                    zero.scores[i] for i, ex in enumerate(test) if ex.task == task
+                ),
                 "local": local_summary["final"]["clients"][str(cid)]["P"],
-                "majority": statistics.mean(float(test[i].output == majority) for i in items),
+                "majority": statistics.mean(float(correct(ex)) for ex in items),
             }
         )
     return rows
 
 
+def learnability(local_runs: list[Path], local_summaries: list[dict]) -> list[dict]:
+    """`learnability_seed` averaged over seeds."""
+    per_seed = [learnability_seed(r, s) for r, s in zip(local_runs, local_summaries, strict=True)]
+    return [
+        {
+            **rows[0],
+            **{k: statistics.mean(r[k] for r in rows) for k in ("zero_shot", "local", "majority")},
+        }
+        for rows in zip(*per_seed, strict=True)
+    ]
+
+
 def learnable_tasks(rows: list[dict], margin: float = 0.05) -> list[str]:
-    """Tasks where Local beats both zero-shot and the majority class by `margin` (seed 0)."""
+    """Tasks where Local beats both zero-shot and the constant answer by `margin`."""
     return [r["task"] for r in rows if r["local"] >= max(r["zero_shot"], r["majority"]) + margin]
 
 
@@ -226,7 +246,11 @@ def holdout_config(raw: dict) -> dict:
 
 def ablation(out: Path, raw: dict) -> list[dict]:
     """Weighting variants of one FedDPA-T run, scored on held-out training data (not test)."""
-    evaluator = RunEvaluator(run_method(out, holdout_config(raw)))
+    run_dir = run_method(out, holdout_config(raw))
+    cache = run_dir / "results" / "ablation.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    evaluator = RunEvaluator(run_dir)
     variants = [
         ("global", m, lam) for m in ("sample", "bank", "bank_top5", "fixed") for lam in (0.5,)
     ]
@@ -254,6 +278,7 @@ def ablation(out: Path, raw: dict) -> list[dict]:
                 "TTP": rec["avg"]["TTP"],
             }
         )
+    cache.write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -329,8 +354,9 @@ def render_markdown(result: dict) -> str:
         lines += [
             f"## {bench}",
             "",
-            f"Seeds {entry['seeds']}; all training runs took {result.get('train_wall_s', 0):.0f} s "
-            f"wall time (in parallel processes), this benchmark's evaluation {entry['wall_s']:.0f} s. "
+            f"Seeds {entry['seeds']}. This invocation spent {result.get('train_wall_s', 0):.0f} s "
+            f"wall time training and evaluating the runs not yet finished ({result['jobs']} parallel "
+            f"processes; finished runs are reused), and {entry['wall_s']:.0f} s on this table. "
             f"Training items per client: {entry['train_items_per_client']}.",
             "",
         ]
@@ -352,9 +378,10 @@ def render_markdown(result: dict) -> str:
         lines += ["Per client, seed " + str(entry["seeds"][0]) + ":", "", entry["table_seed0"]]
         if "learnability" in entry:
             lines += [
-                "Learnability per task (test accuracy, %):",
+                "Learnability per task (test accuracy, %, mean over seeds; the constant answer is "
+                "the most common training label, or answer position where options differ per item):",
                 "",
-                "| task | options | zero-shot | Local | majority class |",
+                "| task | options | zero-shot | Local | constant answer |",
                 "|---|---:|---:|---:|---:|",
             ]
             for r in entry["learnability"]:
@@ -365,7 +392,7 @@ def render_markdown(result: dict) -> str:
         if "learnable" in entry:
             lines += [
                 f"Over the learnable tasks only ({', '.join(entry['learnable_tasks'])}: Local "
-                "≥ 5 points above zero-shot and the majority class), mean over seeds:",
+                "≥ 5 points above zero-shot and the constant answer), mean over seeds:",
                 "",
                 "| method | P | TTP |",
                 "|---|---:|---:|",
@@ -475,17 +502,19 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
         "profile": {args.profile: profile},
         "train_wall_s": time.perf_counter() - t0,  # all training runs, in parallel with --jobs
+        "jobs": args.jobs,
         "weighting": weighting,
         "ablation_holdout": rows,
         "benchmarks": {},
     }
     for bench in benches:
         start = time.perf_counter()
-        per_seed, first_runs = [], {}
+        per_seed, all_runs = [], []
         for seed in seeds_of(bench):
             runs = {m: run_method(args.work, cfg(bench, seed, m, weighting)) for m in RUNS}
             per_seed.append(summaries_for(runs))
-            first_runs = first_runs or runs
+            all_runs.append(runs)
+        first_runs = all_runs[0]
         agg = aggregate(per_seed)
         entry = {
             "methods": agg,
@@ -499,7 +528,9 @@ def main() -> int:
         title = f"{bench} ({args.profile}, seed {seeds_of(bench)[0]})"
         write_report(per_seed[0], args.out / f"quality-{args.profile}-{bench}", title)
         if bench == "dataset1":
-            entry["learnability"] = learnability(first_runs, per_seed[0]["local"])
+            entry["learnability"] = learnability(
+                [r["local"] for r in all_runs], [s["local"] for s in per_seed]
+            )
             entry["learnable_tasks"] = learnable_tasks(entry["learnability"])
             if entry["learnable_tasks"]:
                 entry["learnable"] = over_tasks(per_seed, entry["learnable_tasks"])
