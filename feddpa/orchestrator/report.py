@@ -77,9 +77,18 @@ def markdown_table(summaries: dict[str, Summary]) -> str:
 def plot_curves(summaries: dict[str, Summary], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, idx, label in ((axes[0], 1, "P (own task)"), (axes[1], 2, "TTP (all tasks)")):
-        for method, s in summaries.items():
+        for n, (method, s) in enumerate(summaries.items()):
             xs = [r[0] + 1 for r in s["curve"]]
-            ax.plot(xs, [100 * r[idx] for r in s["curve"]], marker="o", label=method)
+            # shrinking markers keep methods that share rounds visible (FedIT is FedDPA-F's
+            # federated part): a later, smaller marker sits inside an earlier one
+            ax.plot(
+                xs,
+                [100 * r[idx] for r in s["curve"]],
+                label=method,
+                marker="o",
+                markersize=max(3.0, 10 - 1.5 * n),
+                linestyle="--" if n % 2 else "-",
+            )
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label)
