@@ -28,9 +28,8 @@ def test_choose_weighting_takes_best_mix_and_never_a_single_adapter() -> None:
         "lam": 0.5,
         "topk": 5,
     }
-    rows[1].update(
-        P=0.90, TTP=0.60
-    )  # now ties with the first row: the earlier (reference) variant wins
+    # now it ties with the first row: the earlier (reference) variant wins
+    rows[1].update(P=0.90, TTP=0.60)
     rows[2]["P"] = 0.0
     assert quality.choose_weighting(rows[:2] + rows[2:3]) == {
         "mode": "sample",
