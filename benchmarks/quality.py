@@ -1,15 +1,18 @@
 """Quality benchmark: FedDPA-T / FedDPA-F against FedIT, Local and Centralized (P and TTP).
 
-    python benchmarks/quality.py --profile full --seeds 0 1 2            # both benchmarks
+    python benchmarks/quality.py --profile full --seeds 0 1 2 --jobs 2   # both benchmarks, ≈ 75 min CPU
     python benchmarks/quality.py --profile quick --bench synthetic --seeds 0
+    python benchmarks/quality.py --profile device --seeds 0 1 2 --jobs 12  # the larger GPU setting
 
 Benchmarks: `synthetic` (the built-in federation: conflict pairs + shared-knowledge tasks) and
 `dataset1` (the paper's dataset 1, its six multiple-choice tasks, with MiniLM; the free-text tasks
 web_nlg_en and fix_punct need a generative model and are not evaluated here). FedIT is read off
 FedDPA-F's federated rounds: FedDPA-F *is* FedIT followed by local fine-tuning, so its rounds are
 FedIT's run, evaluated with the global adapter alone. The learning rate and epochs were chosen on
-held-out training data (benchmarks/select_hparams.py → results/hparams-*.json), and the weighting
-ablation runs on a held-out 20 % of each client's training data, never on the test split.
+held-out training data (benchmarks/select_hparams.py → results/hparams-*.json). FedDPA's weighting
+is chosen the same way before its runs train: a FedDPA-T run on 80 % of each synthetic client's
+training data, every weighting variant scored on the other 20 % (never the test split), the best
+P + TTP wins. Runs are cached by config hash under --work, so an interrupted benchmark resumes.
 """
 
 from __future__ import annotations
