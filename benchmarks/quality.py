@@ -126,9 +126,9 @@ def base_config(
         },
         # Local and Centralized never mix adapters: they keep the default, so the choice made on
         # held-out data does not change (and retrain) them.
-        "weighting": dict(weighting or DEFAULT_WEIGHTING)
-        if method.startswith("feddpa")
-        else dict(DEFAULT_WEIGHTING),
+        "weighting": dict(
+            weighting if weighting and method.startswith("feddpa") else DEFAULT_WEIGHTING
+        ),
         "eval": {"every": 1, "batch_size": 128, "max_test_per_task": profile["test_cap"]},
     }
 
@@ -186,17 +186,15 @@ def learnability_seed(local_run: Path, local_summary: dict) -> list[dict]:
     rows = []
     for cid, info in enumerate(run_manifest(local_run).clients):
         task = sorted(info.tasks)[0]
-        items = [ex for ex in test if ex.task == task]
+        items = [i for i, ex in enumerate(test) if ex.task == task]
         correct = constant_answer(list(host.clients[cid].data))
         rows.append(
             {
                 "task": task,
-                "options": len(items[0].options),
-                "zero_shot": statistics.mean(
-                    zero.scores[i] for i, ex in enumerate(test) if ex.task == task
-                ),
+                "options": len(test[items[0]].options),
+                "zero_shot": statistics.mean(zero.scores[i] for i in items),
                 "local": local_summary["final"]["clients"][str(cid)]["P"],
-                "majority": statistics.mean(float(correct(ex)) for ex in items),
+                "majority": statistics.mean(float(correct(test[i])) for i in items),
             }
         )
     return rows
@@ -440,34 +438,33 @@ def train_all(args: argparse.Namespace, cfg, benches: list[str], seeds_of) -> tu
     Local and Centralized do not depend on the weighting, so they train while the held-out
     FedDPA-T run is trained and ablated; the FedDPA runs start once the weighting is chosen.
     """
-    from concurrent.futures import ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     work = args.work
     fixed = [cfg(b, s, m) for b in benches for s in seeds_of(b) for m in ("local", "centralized")]
     with ProcessPoolExecutor(args.jobs, get_context("spawn"), init_worker, (args.jobs,)) as pool:
-        pending = []
+        reference = cfg("synthetic", 0, "feddpa_t")
+        holdout = (
+            None if args.no_ablation else pool.submit(run_method, work, holdout_config(reference))
+        )
+        pending = [pool.submit(run_method, work, raw) for raw in fixed]
         rows: list[dict] = []
         weighting = dict(DEFAULT_WEIGHTING)
-        if not args.no_ablation:
-            holdout = pool.submit(run_method, work, holdout_config(cfg("synthetic", 0, "feddpa_t")))
-            pending += [pool.submit(run_method, work, raw) for raw in fixed]
+        if holdout is not None:
             holdout.result()
-            set_threads(args.jobs + 1)
-            rows = ablation(work, cfg("synthetic", 0, "feddpa_t"))
+            set_threads(args.jobs + 1)  # this process now shares the cores with the pool
+            rows = ablation(work, reference)
             weighting = choose_weighting(rows)
             print("weighting chosen on held-out data:", json.dumps(weighting), flush=True)
-        else:
-            pending += [pool.submit(run_method, work, raw) for raw in fixed]
         pending += [
             pool.submit(run_method, work, cfg(b, s, m, weighting))
             for b in benches
             for s in seeds_of(b)
             for m in ("feddpa_f", "feddpa_t")
         ]
-        wait(pending)
         for f in pending:
-            f.result()  # re-raise a failed run
+            f.result()  # waits; re-raises a failed run
     return weighting, rows
 
 
@@ -528,7 +525,6 @@ def main() -> int:
             runs = {m: run_method(args.work, cfg(bench, seed, m, weighting)) for m in RUNS}
             per_seed.append(summaries_for(runs))
             all_runs.append(runs)
-        first_runs = all_runs[0]
         agg = aggregate(per_seed)
         entry = {
             "methods": agg,
@@ -536,7 +532,7 @@ def main() -> int:
             "seeds": seeds_of(bench),
             "table_seed0": markdown_table(per_seed[0]),
             "train_items_per_client": [
-                c.num_examples for c in run_manifest(first_runs["local"]).clients
+                c.num_examples for c in run_manifest(all_runs[0]["local"]).clients
             ],
         }
         title = f"{bench} ({args.profile}, seed {seeds_of(bench)[0]})"
