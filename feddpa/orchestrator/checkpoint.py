@@ -1,12 +1,12 @@
 """Round checkpoints: commit, then continue.
 
-    RUN/checkpoints/round_00003/   global/ (PEFT adapter)  clients/client_XXXXX/{local/, bank.safetensors}
+    RUN/checkpoints/round_00003/   global/ (PEFT adapter)  clients/client_00007/{local/, bank.safetensors}
                                    state.json  metrics.json
     RUN/checkpoints/LATEST         name of the newest committed round
 
-Hosts write the clients they changed into `.stage_XXXXX/`; the driver hard-links every unchanged
-client from the previous round (each round directory is complete on its own), writes the global
-adapter and state, fsyncs and renames the stage into place, then replaces LATEST atomically.
+Hosts write the clients they changed into `.stage_00003/` (the round being committed); the driver
+hard-links every unchanged client from the previous round (each round directory is complete on its
+own), writes the global adapter and state, fsyncs and renames the stage into place, then replaces LATEST atomically.
 A crash at any point leaves the previous round intact; a stale stage is discarded on resume.
 """
 
