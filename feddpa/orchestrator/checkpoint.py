@@ -6,7 +6,8 @@
 
 Hosts write the clients they changed into `.stage_00003/` (the round being committed); the driver
 hard-links every unchanged client from the previous round (each round directory is complete on its
-own), writes the global adapter and state, fsyncs and renames the stage into place, then replaces LATEST atomically.
+own), writes the global adapter and state, fsyncs and renames the stage into place, then replaces
+LATEST atomically.
 A crash at any point leaves the previous round intact; a stale stage is discarded on resume.
 """
 
