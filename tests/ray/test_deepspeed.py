@@ -8,13 +8,22 @@ per actor and restarted per phase, so the second client checks that switching cl
 correctly. 6 items per client, batch 4, micro-batch 2: gradient accumulation and a short last batch;
 clipping at 0.5 and weight decay 0.01 are active.
 
-Measured (MiniLM, lr 1e-3, 2 steps a phase, max |update| ≈ 1.5e-3), as ‖diff‖/‖update‖ and
-max |diff| / max |update|:
-  ZeRO-2: ≤ 1.3e-5 and ≤ 1.6e-3 (client 1 bit-identical); DeepSpeed's clip coefficient rounds
-          differently from torch's, and Adam amplifies ulps where a gradient is near its eps;
-  ZeRO-3: ≤ 1.4e-4 and ≤ 1.8e-2 (median |diff| ≈ 3e-9); the gathered base weights live in other
-          buffers and ZeRO-3 swaps in its own linear, so activations differ at ≈ 1e-7 first.
-The bounds below leave ≈ 5x margin.
+What must be equal, and what may differ by rounding:
+- identical: the shared start (the same seeded init on every engine) and the written DeepSpeed
+  config;
+- equal up to rounding, element by element: the bulk of every trained adapter's update. ZeRO-3
+  gathers the base weights into other buffers and swaps in its own linear, ZeRO-2 rounds the clip
+  coefficient its own way, so activations and gradients differ at ≈ 1e-7 relative; that moves an
+  AdamW update by the same relative amount wherever |g| is well above its rounding noise;
+- free to differ by up to a whole step: the few elements whose gradient is within rounding of 0.
+  AdamW's step is lr·m̂/(√v̂ + eps): there it divides rounding noise by itself, so the sign (and
+  any size up to the full step) is decided by the CPU's kernels. How many such elements exist
+  depends on the machine, so no norm over all elements is compared: one flipped element out of
+  73,728 moves ‖diff‖/‖update‖ by ≈ 7e-3 (the old bound, 1e-3, failed on some CPUs at 1.35e-3).
+
+So per adapter: at most 0.1 % of elements may differ by more than rounding (1e-3 of the largest
+update; one run measured ≤ 8 of 73,728 elements, the bulk at ≤ 4e-5), and no element by more than
+two largest steps (a flipped AdamW step). Banks are forward passes only: equal to rounding.
 """
 
 from __future__ import annotations
@@ -79,13 +88,19 @@ def local_starts(cfg) -> dict:
     }
 
 
-def update_error(got: dict, ref: dict, start: dict) -> tuple[float, float, float]:
-    """max |got − ref|, ‖got − ref‖ / ‖ref − start‖ and max |ref − start| over an adapter."""
+ROUNDING = 1e-3  # of the largest update: far above float32 rounding after two AdamW steps
+FLIP_FRACTION = 1e-3  # elements allowed to disagree beyond rounding (gradient within noise of 0)
+
+
+def update_disagreement(got: dict, ref: dict, start: dict) -> tuple[float, float, float]:
+    """(fraction of elements with |got − ref| > ROUNDING · max|update|, max |got − ref|,
+    max |update|) over an adapter, the update being ref − start."""
     import torch
 
-    diff = torch.cat([(got[k] - ref[k]).flatten() for k in ref])
-    update = torch.cat([(ref[k] - start[k]).flatten() for k in ref])
-    return float(diff.abs().max()), float(diff.norm() / update.norm()), float(update.abs().max())
+    diff = torch.cat([(got[k] - ref[k]).flatten() for k in ref]).abs()
+    update = torch.cat([(ref[k] - start[k]).flatten() for k in ref]).abs()
+    size = float(update.max())
+    return float((diff > ROUNDING * size).float().mean()), float(diff.max()), size
 
 
 @pytest.mark.skipif(
@@ -114,8 +129,7 @@ def test_zero2_and_zero3_match_the_torch_engine_in_a_ray_actor(ray_local, tmp_pa
     assert not (tmp_path / "torch" / CONFIG_FILE).exists()
 
     ref = out["torch"]
-    bounds = {"zero2": (1e-4, 1e-2), "zero3": (1e-3, 0.1)}  # (‖diff‖/‖update‖, max ratio)
-    for name, (max_rel_norm, max_rel_abs) in bounds.items():
+    for name in ("zero2", "zero3"):
         got = out[name]
         for key, value in ref["start"].items():
             assert torch.equal(got["start"][key], value), key
@@ -123,13 +137,11 @@ def test_zero2_and_zero3_match_the_torch_engine_in_a_ray_actor(ray_local, tmp_pa
             want, have = ref["results"][cid], got["results"][cid]
             for adapter in ("global", "local"):
                 start = ref["start"] if adapter == "global" else local_start[cid]
-                err, rel, size = update_error(have[adapter], want[adapter], start)
+                flipped, err, size = update_disagreement(have[adapter], want[adapter], start)
                 print(
-                    f"{name} client {cid} {adapter}: ‖diff‖/‖update‖ {rel:.1e} max|diff| {err:.1e}"
+                    f"{name} client {cid} {adapter}: {flipped:.1e} beyond rounding, max {err:.1e}"
                 )
                 assert size > 1e-4, f"{adapter} adapter did not train"
-                assert rel < max_rel_norm and err < max_rel_abs * size, (name, cid, adapter)
-            print(
-                f"{name} client {cid} bank: max|diff| {(have['bank'] - want['bank']).abs().max():.1e}"
-            )
+                assert flipped <= FLIP_FRACTION, (name, cid, adapter, flipped)
+                assert err <= 2 * size, (name, cid, adapter, err, size)
             torch.testing.assert_close(have["bank"], want["bank"], atol=1e-4, rtol=1e-3)
