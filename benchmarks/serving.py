@@ -267,12 +267,12 @@ def residency(run_dir: Path, p: Profile) -> tuple[dict, dict]:
         "cold_load_p50_ms_last20": (median(ms[-20:]), "<=", 500.0)}  # fmt: skip  # near capacity
     slot = engine.slots[engine.clients[1]]  # its tensors: local adapter (float32) + bank
     tensors = [t[slot.index] for t in (*engine.stack.A, *engine.stack.B)]
-    state_mb = sum(t.numel() * t.element_size() for t in [*tensors, slot.bank]) / MIB  # type: ignore[misc]
+    state_mb = sum(t.numel() * t.element_size() for t in [*tensors, slot.bank.vectors]) / MIB  # type: ignore[misc]
     details = {"clients_in_run": len(engine.clients), "capacity": engine.capacity,
                "cold_loads": len(ms), "cold_load_max_ms": max(ms),
                "cold_load_p50_ms_first10_last10": [median(ms[:10]), median(ms[-10:])],
                "rss_mb_1_resident_vs_all": [rss0 / MIB, rss1 / MIB],
-               "tensor_mb_per_client": state_mb, "bank_shape": list(slot.bank.shape),  # type: ignore[union-attr]
+               "tensor_mb_per_client": state_mb, "bank_shape": list(slot.bank.vectors.shape),  # type: ignore[union-attr]
                "batch_of_16_clients_s": batch_s, "loadavg": [load0, loadavg()],
                "note": "adapters and banks of a just-written run: files in the page cache"}  # fmt: skip
     return figures, {"residency": details}

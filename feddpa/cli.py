@@ -44,10 +44,10 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def print_results(run_dir: Path, title: str) -> None:
-    from feddpa.orchestrator.report import run_summary, write_report
+    from feddpa.orchestrator.report import run_summary, with_global_alone, write_report
 
     summary = run_summary(run_dir)
-    table = write_report({title: summary}, run_dir / "results", title)
+    table = write_report(with_global_alone(title, summary), run_dir / "results", title)
     print(f"\n{title} — P (own task) and TTP (all tasks), %\n\n{table}")
     print(f"tables and plots: {run_dir / 'results'}")
 

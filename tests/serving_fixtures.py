@@ -3,7 +3,7 @@
 `mc_run` is FedDPA-T on MiniLM (multiple choice, 4 synthetic tasks = 4 clients, 2 rounds);
 `causal_run` is FedDPA-T on the tiny Llama of tests/conftest.py (2 clients, greedy generation).
 Both stop after training: no evaluation, so they cost a few seconds each. `reference_probs` is
-the in-process evaluator path (`ClientHost` + `instance_mix` + `option_probs`) that serving must
+the in-process evaluator path (`ClientHost` + `score_items` + `option_probs`) that serving must
 match.
 """
 
@@ -161,7 +161,7 @@ def commit_scaled_global(run_dir: Path, factor: float) -> Path:
 
 class Reference:
     """The in-process evaluator path for one run: a `ClientHost` owning every client, restored
-    from a committed round, scoring one item with `instance_mix` + the task model."""
+    from a committed round, weighing one item with `score_items` + the task model."""
 
     def __init__(self, run_dir: Path, checkpoint: Path | None = None) -> None:
         from feddpa.actors.host import ClientHost
@@ -184,22 +184,22 @@ class Reference:
         self.global_state = load_adapter(checkpoint / "global")
 
     def mix(self, cid: int, example, mode: str | None = None):
-        """The client's adapters loaded as `global` / `local`, and the item's Mix under `mode`."""
-        from feddpa.core import algorithms
-        from feddpa.core.adapters import GLOBAL, LOCAL, load_adapter_state
-        from feddpa.core.weighting import instance_mix
+        """The client's adapters loaded as `global` / `local`, and the item's Mix under `mode`,
+        as `score_items` (the evaluator) weighs it."""
+        from feddpa.core.adapters import GLOBAL, LOCAL, Mix, load_adapter_state
+        from feddpa.core.evaluation import ClientWeighting, score_items
 
         client = self.host.clients[cid]
         load_adapter_state(self.model.peft, GLOBAL, self.global_state)
-        load_adapter_state(self.model.peft, LOCAL, client.local)
+        if client.local is not None:
+            load_adapter_state(self.model.peft, LOCAL, client.local)
         weighting = self.weighting
         if mode is not None:
             weighting = weighting.model_copy(update={"mode": mode})
-        gen = torch.Generator().manual_seed(
-            algorithms.derive_seed(self.cfg.seed, "serve", cid, example.instruction)
-        )
-        queries = self.model.represent([self.model.query_text(example)])
-        return instance_mix(queries, client.bank, weighting, gen)
+        who = ClientWeighting(cid, client.bank, client.local is not None)
+        items = score_items(self.model, [example], weighting, who, self.cfg.seed, 1)
+        global_w = items.global_weights[0]
+        return Mix(torch.tensor([global_w]), torch.tensor([1 - global_w]))
 
     def probs(self, cid: int, example, mode: str | None = None) -> tuple[torch.Tensor, float]:
         """(option probabilities, weight on the global adapter) of one item."""

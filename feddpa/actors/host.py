@@ -13,13 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from feddpa.actors.engine import build_engine, write_deepspeed_config
 from feddpa.core import algorithms
 from feddpa.core.adapters import GLOBAL, LOCAL, AdapterState
 from feddpa.core.config import ExperimentConfig, WeightingConfig
-from feddpa.core.evaluation import ItemScores, representation_bank, score_items
+from feddpa.core.evaluation import ClientWeighting, ItemScores, representation_bank, score_items
 from feddpa.core.fedavg import FlatState
 from feddpa.core.models import TaskModel, build_task_model
 from feddpa.core.models.loading import lora_config
@@ -32,7 +30,7 @@ from feddpa.core.storage import (
     save_bank,
 )
 from feddpa.core.training import run_phase
-from feddpa.core.weighting import needs_bank
+from feddpa.core.weighting import ClientBank, needs_bank
 from feddpa.datasets import read_manifest, read_shard, read_test
 
 log = logging.getLogger(__name__)
@@ -48,7 +46,7 @@ def client_dir(root: Path, client_id: int) -> Path:
 class ClientState:
     data: list[Example]
     local: AdapterState | None = None
-    bank: torch.Tensor | None = None
+    bank: ClientBank | None = None
 
 
 @dataclass(frozen=True)
@@ -116,12 +114,14 @@ class ClientHost:
                 state.bank = load_bank(cdir / "bank.safetensors")
 
     def _local(self, cid: int) -> AdapterState:
+        """The client's trained local adapter, or its seeded fresh start (not kept: `state.local`
+        stays None until a phase trains it, so the client counts as having none)."""
         state = self.clients[cid]
-        if state.local is None:
-            state.local = self.engine.fresh_adapter_state(
-                algorithms.derive_seed(self.cfg.seed, "local-init", cid)
-            )
-        return state.local
+        if state.local is not None:
+            return state.local
+        return self.engine.fresh_adapter_state(
+            algorithms.derive_seed(self.cfg.seed, "local-init", cid)
+        )
 
     def _load(self, global_state: AdapterState, cid: int) -> None:
         self.engine.load_adapter_state(GLOBAL, global_state)
@@ -159,7 +159,7 @@ class ClientHost:
             state.local = self.engine.adapter_state(LOCAL)
             state.bank = None
             if needs_bank(self.weighting):
-                state.bank = representation_bank(self.model, state.data, self.cfg.eval.batch_size)
+                state.bank = self._bank(cid)
             if stage is not None:
                 self.write_client(cid, stage)
         upload = (
@@ -177,6 +177,11 @@ class ClientHost:
         if state.bank is not None:
             save_bank(state.bank, cdir / "bank.safetensors")
 
+    def _bank(self, cid: int) -> ClientBank:
+        """The client's bank under the local adapter now loaded as `local`."""
+        data, cfg = self.clients[cid].data, self.cfg
+        return representation_bank(self.model, data, cfg.eval.batch_size, self.weighting.gate_topk)
+
     def evaluate(
         self,
         cid: int,
@@ -184,22 +189,28 @@ class ClientHost:
         step: int,
         weighting: WeightingConfig | None = None,
     ) -> ItemScores:
-        """Per-item test scores of client `cid` under its instance-wise weighting."""
+        """Per-item test scores of client `cid` under its instance-wise weighting. A client that
+        never trained a local adapter is scored with the global adapter alone."""
         weighting = weighting or self.weighting
         self._restore_once()
+        state = self.clients[cid]
+        has_local = state.local is not None
         self._load(global_state, cid)
-        bank = self.clients[cid].bank
-        if needs_bank(weighting) and bank is None:
-            bank = representation_bank(self.model, self.clients[cid].data, self.cfg.eval.batch_size)
-            self.clients[cid].bank = bank
-        seed = algorithms.derive_seed(self.cfg.seed, "eval", step, cid)
-        return score_items(self.model, self.test, weighting, bank, seed, self.cfg.eval.batch_size)
+        if has_local and needs_bank(weighting) and state.bank is None:
+            state.bank = self._bank(cid)
+        client = ClientWeighting(cid, state.bank, has_local)
+        return score_items(
+            self.model, self.test, weighting, client, self.cfg.seed, self.cfg.eval.batch_size
+        )
 
     def evaluate_global(self, global_state: AdapterState) -> ItemScores:
         """Per-item test scores of the global adapter alone (shared by all clients)."""
         self.engine.load_adapter_state(GLOBAL, global_state)
         only = self.weighting.model_copy(update={"mode": "global_only"})
-        return score_items(self.model, self.test, only, None, 0, self.cfg.eval.batch_size)
+        client = ClientWeighting(POOLED, None, has_local=False)
+        return score_items(
+            self.model, self.test, only, client, self.cfg.seed, self.cfg.eval.batch_size
+        )
 
     def initial_global(self) -> AdapterState:
         return self.engine.fresh_adapter_state(algorithms.derive_seed(self.cfg.seed, "global-init"))

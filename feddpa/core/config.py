@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Method = Literal["fedit", "feddpa_t", "feddpa_f", "local", "centralized"]
-WeightMode = Literal["sample", "bank", "fixed", "global_only", "local_only"]
+WeightMode = Literal["gate", "sample", "bank", "fixed", "global_only", "local_only"]
 
 
 class _Frozen(BaseModel):
@@ -100,12 +100,29 @@ class TrainConfig(_Frozen):
 
 
 class WeightingConfig(_Frozen):
-    mode: WeightMode = "bank"
+    """How the two adapters are mixed per input (feddpa.core.weighting has the formulas)."""
+
+    mode: WeightMode = "gate"
     weight_on: Literal["global", "local"] = "global"
     lam: float = Field(0.5, ge=0, le=1)
     k: int = Field(5, ge=1, description="references per instance in 'sample' mode")
     topk: int | None = Field(None, ge=1, description="'bank' mode: mean of the top-k cosines")
     fixed: float = Field(0.5, ge=0, le=1)
+    gate_topk: int = Field(5, ge=1, description="'gate': neighbours in the kNN similarity score")
+    gate_quantile: float = Field(
+        0.05, gt=0, lt=0.5, description="'gate': threshold = this quantile of the bank's own scores"
+    )
+    gate_width: float = Field(
+        0.25, gt=0, description="'gate': sigmoid width as a fraction of (median − threshold)"
+    )
+    gate_floor: float = Field(0.0, ge=0, le=1, description="'gate': least local weight")
+    gate_ceiling: float = Field(1.0, ge=0, le=1, description="'gate': most local weight")
+
+    @model_validator(mode="after")
+    def _gate_bounds(self) -> WeightingConfig:
+        if self.gate_floor > self.gate_ceiling:
+            raise ValueError("weighting.gate_floor must not exceed weighting.gate_ceiling")
+        return self
 
 
 class EvalConfig(_Frozen):

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from feddpa.core import algorithms
+from feddpa.core.adapters import Mix
 from feddpa.core.config import WeightingConfig
 from feddpa.core.models import TaskModel
 from feddpa.core.records import Example
-from feddpa.core.weighting import instance_mix, needs_bank
+from feddpa.core.weighting import ClientBank, RowWeighting, mix_rows
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,46 @@ class ItemScores:
     global_weights: tuple[float, ...]  # weight each item gave the global adapter
 
 
+@dataclass(frozen=True)
+class ClientWeighting:
+    """What evaluation and serving know of a client when they mix its adapters."""
+
+    client_id: int
+    bank: ClientBank | None
+    has_local: bool  # False: it never trained a local adapter (it is served by the global alone)
+
+    def row(self, cfg: WeightingConfig, run_seed: int, query_text: str) -> RowWeighting:
+        """One input's weighting: `sample` mode draws its references from a seed of the run, the
+        client and the prompt, the same in evaluation and serving."""
+        seed = algorithms.derive_seed(run_seed, "weighting", self.client_id, query_text)
+        return RowWeighting(cfg, self.bank, self.has_local, seed)
+
+
 def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @torch.no_grad()
-def representation_bank(model: TaskModel, data: list[Example], batch_size: int) -> torch.Tensor:
-    """(N, H) local-only representations of the client's training prompts."""
+def representation_bank(
+    model: TaskModel, data: list[Example], batch_size: int, topk: int
+) -> ClientBank:
+    """The local-only representations of the client's training prompts, (N, H), calibrated."""
     reps = [model.represent([model.query_text(e) for e in b]) for b in chunks(data, batch_size)]
-    return torch.cat(reps).float()
+    return ClientBank.build(torch.cat(reps).float(), topk)
+
+
+def query_representations(
+    model: TaskModel, examples: list[Example], rows: list[RowWeighting], local: Mix | None = None
+) -> torch.Tensor | None:
+    """(B_q, H) local-only representations of the rows that need one; `local` routes the rows
+    to their clients' local adapters (serving), default: the model's `local` adapter."""
+    wanted = [i for i, r in enumerate(rows) if r.needs_query]
+    if not wanted:
+        return None
+    texts = [model.query_text(examples[i]) for i in wanted]
+    if local is None:
+        return model.represent(texts)
+    return model.represent(texts, local.rows(torch.tensor(wanted)))
 
 
 @torch.no_grad()
@@ -41,19 +74,17 @@ def score_items(
     model: TaskModel,
     test: list[Example],
     weighting: WeightingConfig,
-    bank: torch.Tensor | None,
-    seed: int,
+    client: ClientWeighting,
+    run_seed: int,
     batch_size: int,
 ) -> ItemScores:
-    """Per-item scores of `test` under the client's instance-wise weighting."""
-    gen = torch.Generator().manual_seed(seed)
+    """Per-item scores of `test` under the client's instance-wise weighting (`mix_rows`, the same
+    function serving calls)."""
     scores: list[float] = []
     weights: list[float] = []
     for batch in chunks(test, batch_size):
-        queries = None
-        if needs_bank(weighting):
-            queries = model.represent([model.query_text(e) for e in batch])
-        mix = instance_mix(queries, bank, weighting, gen)
+        rows = [client.row(weighting, run_seed, model.query_text(e)) for e in batch]
+        mix = mix_rows(rows, query_representations(model, batch, rows))
         batch_scores, _ = model.score(batch, mix)
         scores.extend(batch_scores)
         weights.extend(mix.as_rows(len(batch))[0].tolist())
@@ -65,14 +96,34 @@ def mean(values: list[float]) -> float:
 
 
 def summarize(test: list[Example], items: ItemScores, own_tasks: set[str]) -> dict:
-    """{'P', 'TTP', 'per_task': {task: score}, 'mean_global_weight'} for one client."""
+    """{'P', 'TTP', 'per_task': {task: score}, 'mean_global_weight', the mean local weight on
+    own-task and other items, and their histograms} for one client."""
     by_task: dict[str, list[float]] = defaultdict(list)
     for ex, s in zip(test, items.scores, strict=True):
         by_task[ex.task].append(s)
     own = [s for ex, s in zip(test, items.scores, strict=True) if ex.task in own_tasks]
+    local_w = [
+        (ex.task in own_tasks, 1 - w) for ex, w in zip(test, items.global_weights, strict=True)
+    ]
+    own_w = [w for is_own, w in local_w if is_own]
+    other_w = [w for is_own, w in local_w if not is_own]
     return {
         "P": mean(own),
         "TTP": mean(list(items.scores)),
         "per_task": {t: mean(v) for t, v in sorted(by_task.items())},
         "mean_global_weight": mean(list(items.global_weights)),
+        "local_weight_own": mean(own_w),
+        "local_weight_other": mean(other_w),
+        "local_weight_hist": {"own": histogram(own_w), "other": histogram(other_w)},
     }
+
+
+WEIGHT_BINS = 10
+
+
+def histogram(weights: list[float]) -> list[int]:
+    """Counts of weights in [0, 1] over WEIGHT_BINS equal bins (1.0 in the last)."""
+    counts = [0] * WEIGHT_BINS
+    for w in weights:
+        counts[min(max(int(w * WEIGHT_BINS), 0), WEIGHT_BINS - 1)] += 1
+    return counts

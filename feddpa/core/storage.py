@@ -12,8 +12,12 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from feddpa.core.config import WeightingConfig
+from feddpa.core.weighting import ClientBank
+
 ADAPTER_FILE = "adapter_model.safetensors"
 BANK_FILE = "bank.safetensors"
+DEFAULT_GATE_TOPK = WeightingConfig().gate_topk
 
 
 def fsync_dir(path: Path) -> None:
@@ -63,12 +67,26 @@ def load_adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / ADAPTER_FILE))
 
 
-def save_bank(bank: torch.Tensor, path: Path) -> None:
-    save_tensors({"bank": bank.float()}, path)
+def save_bank(bank: ClientBank, path: Path) -> None:
+    """The representations and the gate's calibration, in one file (one atomic rename)."""
+    topk = torch.tensor([bank.topk])
+    save_tensors({"bank": bank.vectors, "loo": bank.loo, "loo_topk": topk}, path)
 
 
-def load_bank(path: Path) -> torch.Tensor:
-    return load_file(str(path))["bank"]
+def load_bank(path: Path) -> ClientBank:
+    """A client's bank; one written before the gate existed is calibrated on load."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types, naming no file
+        raise ValueError(
+            f"{path}: unreadable representation bank ({err}); "
+            "restore it from an earlier round or retrain the client"
+        ) from None
+    if "bank" not in tensors:
+        raise ValueError(f"{path}: no 'bank' tensor in this file: not a feddpa bank")
+    if "loo" not in tensors:
+        return ClientBank.build(tensors["bank"], DEFAULT_GATE_TOPK)
+    return ClientBank(tensors["bank"], tensors["loo"], int(tensors["loo_topk"][0]))
 
 
 LATEST = "LATEST"

@@ -1,22 +1,38 @@
-"""Instance-wise adapter weighting (FedDPA, arXiv 2403.19211, Sec. 4.3, Eq. 7).
+"""Instance-wise adapter weighting (FedDPA, arXiv 2403.19211, Sec. 4.3, Eq. 7), and our calibrated
+gate. `mix_rows` is the one function evaluation and serving call to turn a batch into its `Mix`.
+
+The paper's weight (the reference code's estimator):
 
     w(x) = λ · mean_k cos(e(x), e(x_k))
 
 e(·) is the representation of a prompt computed with the local adapter only (the last prompt
 token's final hidden state for causal LMs; the mean-pooled final hidden state for encoders);
-x_k are reference instances from the client's own training data. The client's representation bank
-holds e(x) for all its training prompts, computed once per local adapter, so every mode below is a
-choice of references among the bank's rows:
+x_k are reference instances from the client's own training data. The client's `ClientBank` holds
+e(x) for all its training prompts, computed once per local adapter. Modes:
 
-- `sample`: K random rows per instance (seeded) — the reference code's estimator;
+- `gate` (ours, the default): a calibrated gate on the local adapter. The score of x is its kNN
+  similarity s(x) = mean of the top-k cosines to the bank. The bank's leave-one-out scores (each
+  training prompt against the others) are the client's in-distribution score distribution; with
+  τ = their q-quantile and ω = width · (median − τ),
+
+      w_local(x) = floor + (ceiling − floor) · σ((s(x) − τ) / ω),   w_global = 1 − w_local,
+
+  so own-task inputs lean local and unfamiliar ones lean global, per client, whatever the level
+  of its cosines. It uses the client's own bank only; `weight_on` does not apply to it.
+- `sample`: K random rows per instance, seeded per (client, prompt) — the reference code;
 - `bank`: all rows (mean cosine), or the mean of the top-k cosines;
 - `fixed`: a constant w; `global_only` / `local_only`: w = 1 / w = 0 on the global adapter.
 
-`weight_on` says which adapter w multiplies: `global` (the reference code: h = w·ΔG + (1−w)·ΔL)
-or `local` (h = (1−w)·ΔG + w·ΔL).
+`weight_on` says which adapter w of the reference modes multiplies: `global` (the reference code:
+h = w·ΔG + (1−w)·ΔL) or `local` (h = (1−w)·ΔG + w·ΔL).
+
+A client that never trained a local adapter is served by the global adapter alone, in every mode.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +40,64 @@ import torch.nn.functional as F
 from feddpa.core.adapters import GLOBAL_ONLY, LOCAL_ONLY, Mix
 from feddpa.core.config import WeightingConfig
 
+MIN_GATE_WIDTH = 1e-4  # ω for a bank whose leave-one-out scores are all equal (a hard step)
+
 
 def cosine_matrix(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """(B, H) x (N, H) -> (B, N) cosine similarities."""
     return F.normalize(queries.float(), dim=-1) @ F.normalize(bank.float(), dim=-1).T
+
+
+def knn_scores(cos: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) cosines -> (B,) mean of each row's k largest (all of them if k >= N)."""
+    return cos.topk(min(k, cos.shape[1]), dim=1).values.mean(dim=1)
+
+
+def leave_one_out_scores(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, H) -> (N,) kNN score of every row against the other rows (itself excluded)."""
+    cos = cosine_matrix(vectors, vectors)
+    if len(vectors) == 1:
+        return cos[0]  # nothing to leave out against: a lone prompt is as familiar as it gets
+    cos.fill_diagonal_(float("-inf"))
+    return knn_scores(cos, min(k, len(vectors) - 1))
+
+
+@dataclass(frozen=True)
+class ClientBank:
+    """A client's references: (N, H) local-only representations of its training prompts, and the
+    gate's calibration, (N,) leave-one-out kNN scores with `topk` neighbours."""
+
+    vectors: torch.Tensor
+    loo: torch.Tensor
+    topk: int
+
+    @classmethod
+    def build(cls, vectors: torch.Tensor, topk: int) -> ClientBank:
+        vectors = vectors.float()
+        return cls(vectors, leave_one_out_scores(vectors, topk), topk)
+
+    def calibrated(self, topk: int) -> ClientBank:
+        """This bank calibrated for `topk` neighbours (recomputed only if it differs)."""
+        return self if topk == self.topk else ClientBank.build(self.vectors, topk)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+def gate_calibration(loo: torch.Tensor, cfg: WeightingConfig) -> tuple[float, float]:
+    """(τ, ω): the threshold and width of the gate's sigmoid from the leave-one-out scores."""
+    tau = float(torch.quantile(loo, cfg.gate_quantile))
+    spread = float(torch.quantile(loo, 0.5)) - tau
+    return tau, max(cfg.gate_width * spread, MIN_GATE_WIDTH)
+
+
+def gate_local_weights(
+    scores: torch.Tensor, bank: ClientBank, cfg: WeightingConfig
+) -> torch.Tensor:
+    """(B,) kNN scores -> (B,) local weights in [floor, ceiling], monotone in the score."""
+    tau, width = gate_calibration(bank.calibrated(cfg.gate_topk).loo, cfg)
+    unit = torch.sigmoid((scores - tau) / width)
+    return cfg.gate_floor + (cfg.gate_ceiling - cfg.gate_floor) * unit
 
 
 def sample_references(
@@ -52,7 +122,7 @@ def similarity_weights(
         refs = sample_references(cos.shape[0], cos.shape[1], cfg.k, generator)
         sims = cos.gather(1, refs).mean(dim=1)
     elif cfg.topk is not None:
-        sims = cos.topk(min(cfg.topk, cos.shape[1]), dim=1).values.mean(dim=1)
+        sims = knn_scores(cos, cfg.topk)
     else:
         sims = cos.mean(dim=1)
     return cfg.lam * sims
@@ -66,16 +136,16 @@ def mix_for_weight(w: float | torch.Tensor, weight_on: str) -> Mix:
 
 
 def needs_bank(cfg: WeightingConfig) -> bool:
-    return cfg.mode in ("sample", "bank")
+    return cfg.mode in ("sample", "bank", "gate")
 
 
 def instance_mix(
     queries: torch.Tensor | None,
-    bank: torch.Tensor | None,
+    bank: ClientBank | None,
     cfg: WeightingConfig,
     generator: torch.Generator | None = None,
 ) -> Mix:
-    """The per-row mix for a batch whose local-only representations are `queries` (B, H)."""
+    """The per-row mix of one client's rows whose local-only representations are `queries` (B, H)."""
     if cfg.mode == "global_only":
         return GLOBAL_ONLY
     if cfg.mode == "local_only":
@@ -84,4 +154,45 @@ def instance_mix(
         return mix_for_weight(cfg.fixed, cfg.weight_on)
     if queries is None or bank is None or len(bank) == 0:
         raise ValueError(f"weighting mode {cfg.mode!r} needs query representations and a bank")
-    return mix_for_weight(similarity_weights(queries, bank, cfg, generator), cfg.weight_on)
+    if cfg.mode == "gate":
+        scores = knn_scores(cosine_matrix(queries, bank.vectors), cfg.gate_topk)
+        w_local = gate_local_weights(scores, bank, cfg)
+        return Mix(1 - w_local, w_local)
+    return mix_for_weight(similarity_weights(queries, bank.vectors, cfg, generator), cfg.weight_on)
+
+
+@dataclass(frozen=True)
+class RowWeighting:
+    """What decides one row's mix: the weighting, the row's client state, and the seed of its
+    reference sample (`sample` mode; derived from the client and the prompt, so evaluation and
+    serving draw the same references for the same item)."""
+
+    cfg: WeightingConfig
+    bank: ClientBank | None
+    has_local: bool
+    seed: int = 0
+
+    @property
+    def needs_query(self) -> bool:
+        return self.has_local and needs_bank(self.cfg)
+
+
+def mix_rows(rows: Sequence[RowWeighting], queries: torch.Tensor | None) -> Mix:
+    """The batch's per-row Mix (weights of shape (B,)). `queries`: the local-only representations
+    of the rows that need one (`row.needs_query`), in row order, (B_q, H)."""
+    wanted = sum(r.needs_query for r in rows)
+    if wanted and (queries is None or len(queries) != wanted):
+        raise ValueError(f"{wanted} rows need a query representation, got {queries!r:.40}")
+    wg, wl = torch.ones(len(rows)), torch.zeros(len(rows))
+    q = 0
+    for i, row in enumerate(rows):
+        if not row.has_local:
+            continue  # never trained a local adapter: the global adapter alone
+        query = None
+        if row.needs_query:
+            assert queries is not None
+            query, q = queries[q : q + 1], q + 1
+        gen = torch.Generator().manual_seed(row.seed)
+        g, loc = instance_mix(query, row.bank, row.cfg, gen).as_rows(1)
+        wg[i], wl[i] = g[0], loc[0]
+    return Mix(wg, wl)

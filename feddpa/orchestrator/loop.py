@@ -56,18 +56,38 @@ def evaluate(
 ) -> dict:
     weighting = step_weighting(cfg, step)
     ids = manifest.client_ids
+    shared: ItemScores | None = None
     if weighting.mode == "global_only":  # one evaluation serves every client
         shared = executor.evaluate_global(global_state)
         items: dict[int, ItemScores] = dict.fromkeys(ids, shared)
     else:
         items = dict(executor.evaluate(step, ids, global_state, weighting))
+        if cfg.method == "feddpa_t":
+            shared = executor.evaluate_global(global_state)
     clients = {
         str(cid): {"tasks": sorted(c.tasks), **summarize(test, items[cid], set(c.tasks))}
         for cid, c in zip(ids, manifest.clients, strict=True)
         if cid in items  # a client whose actor failed during evaluation is left out
     }
-    avg = {k: sum(v[k] for v in clients.values()) / len(clients) for k in ("P", "TTP")}
-    return {"weighting": weighting.mode, "avg": avg, "clients": clients}
+    record = {"weighting": weighting.mode, "avg": average(clients), "clients": clients}
+    if weighting.mode != "global_only" and shared is not None:
+        # FedDPA-T's global trajectory is FedIT's: FedIT's P/TTP read from this very run
+        alone = {
+            cid: {
+                "tasks": c["tasks"],
+                **{k: v for k, v in summarize(test, shared, set(c["tasks"])).items() if k in PT},
+            }
+            for cid, c in clients.items()
+        }
+        record["global_only"] = {"avg": average(alone), "clients": alone}
+    return record
+
+
+PT = ("P", "TTP")
+
+
+def average(clients: dict[str, dict]) -> dict[str, float]:
+    return {k: sum(v[k] for v in clients.values()) / len(clients) for k in PT}
 
 
 def ensure_new_run_dir(run_dir: Path) -> None:

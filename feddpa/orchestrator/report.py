@@ -25,7 +25,21 @@ def run_summary(run_dir: Path) -> Summary:
     if not evals:
         raise ValueError(f"{path}: no evaluated round yet")
     curve = [[r["round"], r["eval"]["avg"]["P"], r["eval"]["avg"]["TTP"]] for r in evals]
-    return {"final": evals[-1]["eval"], "curve": curve}
+    return {"final": evals[-1]["eval"], "curve": curve, "records": evals}
+
+
+def with_global_alone(name: str, summary: Summary) -> dict[str, Summary]:
+    """{name: summary}, and for a run whose evaluations also scored its global adapter alone
+    (FedDPA-T: FedIT's trajectory) that as a second method read from the same run."""
+    if "global_only" not in summary["final"]:
+        return {name: summary}
+    curve = [
+        [r["round"], r["eval"]["global_only"]["avg"]["P"], r["eval"]["global_only"]["avg"]["TTP"]]
+        for r in summary["records"]
+        if "global_only" in r["eval"]
+    ]
+    alone = {"final": summary["final"]["global_only"], "curve": curve}
+    return {name: summary, "global adapter alone (= FedIT)": alone}
 
 
 def _pct(x: float) -> str:
@@ -119,10 +133,54 @@ def plot_clients(summaries: dict[str, Summary], path: Path) -> None:
     plt.close(fig)
 
 
+def weight_table(summary: Summary) -> str:
+    """Per client: the mean weight its gate put on the local adapter, own-task vs other items."""
+    lines = [
+        "| client | task(s) | local weight, own items | local weight, other items |",
+        "|---|---|---:|---:|",
+    ]
+    for cid, c in summary["final"]["clients"].items():
+        tasks = ", ".join(c["tasks"]) if len(c["tasks"]) <= 2 else f"{len(c['tasks'])} tasks"
+        own, other = c["local_weight_own"], c["local_weight_other"]
+        lines.append(f"| {cid} | {tasks} | {own:.3f} | {other:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_weights(summary: Summary, path: Path) -> None:
+    """Per client, the distribution of the local weight over its own-task and other items."""
+    clients = list(summary["final"]["clients"].items())[:16]
+    cols = min(4, len(clients))
+    rows = (len(clients) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
+    for ax, (cid, c) in zip(axes.flat, clients, strict=False):
+        hist = c["local_weight_hist"]
+        bins = len(hist["own"])
+        xs = [(i + 0.5) / bins for i in range(bins)]
+        for key, color in (("own", "tab:orange"), ("other", "tab:blue")):
+            total = max(1, sum(hist[key]))
+            ax.bar(xs, [n / total for n in hist[key]], 1 / bins, alpha=0.6, color=color, label=key)
+        ax.set_title(f"client {cid}", fontsize=9)
+        ax.set_xlim(0, 1)
+    for ax in list(axes.flat)[len(clients) :]:
+        ax.axis("off")
+    axes[0][0].legend(fontsize=8)
+    fig.supxlabel("weight on the local adapter")
+    fig.supylabel("fraction of items")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(summaries: dict[str, Summary], out_dir: Path, title: str) -> str:
-    """Write results.md, results.csv, curves.png and clients.png; return the Markdown table."""
+    """Write results.md, results.csv, curves.png, clients.png and, for a run whose clients mix
+    two adapters, weights.png with the local-weight table; return the Markdown tables."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summaries)
+    first = next(iter(summaries.values()))
+    mixing = first["final"].get("weighting") not in (None, "global_only", "local_only")
+    if mixing:
+        table += "\nLocal weight per client (mean over items):\n\n" + weight_table(first)
+        plot_weights(first, out_dir / "weights.png")
     (out_dir / "results.md").write_text(
         f"# {title}\n\nScores in %. P: own task(s); TTP: all tasks.\n\n{table}"
     )

@@ -26,11 +26,12 @@ import torch
 from feddpa.core import algorithms
 from feddpa.core.adapters import GLOBAL, Mix, load_adapter_state, set_trainable
 from feddpa.core.config import WeightingConfig, WeightMode, load_config
+from feddpa.core.evaluation import ClientWeighting, query_representations
 from feddpa.core.models import build_task_model
 from feddpa.core.records import Example
 from feddpa.core.stack import LocalStack
 from feddpa.core.storage import latest_checkpoint, load_adapter, load_bank
-from feddpa.core.weighting import instance_mix, needs_bank
+from feddpa.core.weighting import ClientBank, mix_rows, needs_bank
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,16 @@ class UnknownClient(KeyError):
 class ClientSlot:
     client_id: int
     index: int  # the local adapter's slot in the engine's LocalStack; -1: the client has none
-    bank: torch.Tensor | None
+    bank: ClientBank | None
     loaded_s: float
 
     @property
     def has_local(self) -> bool:
         return self.index >= 0
+
+    @property
+    def weighting(self) -> ClientWeighting:
+        return ClientWeighting(self.client_id, self.bank, self.has_local)
 
 
 @dataclass(frozen=True)
@@ -153,39 +158,29 @@ class ServingEngine:
             self._evict(next(iter(self.slots)))
 
     def _weights(self, requests: list[Request], slots: list[ClientSlot], route: Mix) -> Mix:
-        """Per-row (global, local) weights: each row's client bank and weighting mode."""
-        n = len(requests)
-        modes = [self._mode(r, s) for r, s in zip(requests, slots, strict=True)]
-        rows_q = [i for i, m in enumerate(modes) if needs_bank(m)]
-        queries = None
-        if rows_q:
-            sub = route.rows(torch.tensor(rows_q))
-            texts = [self.model.query_text(requests[i].example) for i in rows_q]
-            queries = dict(zip(rows_q, self.model.represent(texts, sub), strict=True))
-        wg, wl = torch.zeros(n), torch.zeros(n)
-        for i, (req, slot, mode) in enumerate(zip(requests, slots, modes, strict=True)):
-            gen = torch.Generator().manual_seed(
-                algorithms.derive_seed(
-                    self.cfg.seed, "serve", req.client_id, req.example.instruction
-                )
-            )
-            q = queries[i].unsqueeze(0) if queries is not None and i in queries else None
-            g, loc = instance_mix(q, slot.bank, mode, gen).as_rows(1)
-            wg[i], wl[i] = g[0], loc[0]
-        return Mix(wg, wl, route.local_of_row, route.stack)
+        """Per-row (global, local) weights: `mix_rows`, the function evaluation calls too."""
+        examples = [r.example for r in requests]
+        rows = [
+            s.weighting.row(self._mode(r, s), self.cfg.seed, self.model.query_text(r.example))
+            for r, s in zip(requests, slots, strict=True)
+        ]
+        mix = mix_rows(rows, query_representations(self.model, examples, rows, route))
+        return Mix(mix.global_w, mix.local_w, route.local_of_row, route.stack)
 
     def _mode(self, req: Request, slot: ClientSlot) -> WeightingConfig:
+        """The request's weighting. A client without a local adapter gets the global adapter
+        alone whatever the mode (`mix_rows`); one with a local adapter but no bank (a run trained
+        with a bank-free weighting) can only use the bank-free modes."""
         mode = (
             self.weighting
             if req.mode is None
             else self.weighting.model_copy(update={"mode": req.mode})
         )
-        if mode.mode != "global_only" and not slot.has_local:
+        if slot.has_local and needs_bank(mode) and slot.bank is None:
             raise ValueError(
-                f"client {slot.client_id} has no local adapter in this run: use mode global_only"
+                f"client {slot.client_id} has no representation bank in this run: "
+                "use weighting fixed, global_only or local_only"
             )
-        if needs_bank(mode) and slot.bank is None:
-            raise ValueError(f"client {slot.client_id} has no representation bank: use mode fixed")
         return mode
 
     def validate(self, req: Request) -> None:

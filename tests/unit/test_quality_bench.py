@@ -11,31 +11,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 quality = pytest.importorskip("quality")
 
 
-def row(weight_on: str, mode: str, lam: float, p: float, ttp: float) -> dict:
-    return {"weight_on": weight_on, "mode": mode, "lam": lam, "P": p, "TTP": ttp}
+def row(weighting: dict, p: float, ttp: float) -> dict:
+    return {"name": str(weighting), "weighting": weighting, "P": p, "TTP": ttp}
 
 
 def test_choose_weighting_takes_best_mix_and_never_a_single_adapter() -> None:
+    sample = {"mode": "sample", "weight_on": "global", "lam": 0.5}
+    top5 = {"mode": "bank", "topk": 5, "weight_on": "local", "lam": 0.5}
+    gate = {"mode": "gate", "gate_quantile": 0.2, "gate_width": 1.0}
     rows = [
-        row("global", "sample", 0.5, 0.90, 0.60),
-        row("local", "bank_top5", 0.5, 0.92, 0.70),
-        row("local", "bank", 1.0, 0.80, 0.70),
-        row("global", "local_only", 0.5, 0.99, 0.99),  # not a mix: never chosen
+        row(sample, 0.90, 0.60),
+        row(top5, 0.92, 0.70),
+        row(gate, 0.80, 0.70),
+        row({"mode": "local_only"}, 0.99, 0.99),  # not a mix: never chosen
     ]
-    assert quality.choose_weighting(rows) == {
-        "mode": "bank",
-        "weight_on": "local",
-        "lam": 0.5,
-        "topk": 5,
-    }
-    # now it ties with the first row: the earlier (reference) variant wins
+    assert quality.choose_weighting(rows) == top5
+    rows[2].update(P=0.95)
+    assert quality.choose_weighting(rows) == gate
+    # now all three tie: the earlier (reference) variant wins
     rows[1].update(P=0.90, TTP=0.60)
-    rows[2]["P"] = 0.0
-    assert quality.choose_weighting(rows[:2] + rows[2:3]) == {
-        "mode": "sample",
-        "weight_on": "global",
-        "lam": 0.5,
-    }
+    rows[2].update(P=0.90, TTP=0.60)
+    assert quality.choose_weighting(rows) == sample
+
+
+def test_weighting_variants_are_valid_configs_with_unique_names() -> None:
+    from feddpa.core.config import WeightingConfig
+
+    variants = quality.weighting_variants()
+    assert len({name for name, _ in variants}) == len(variants)
+    modes = {WeightingConfig(**w).mode for _, w in variants}
+    assert {"gate", "bank", "sample", "fixed", "global_only", "local_only"} <= modes
 
 
 def test_learnable_tasks_need_a_margin_over_zero_shot_and_majority() -> None:

@@ -139,9 +139,19 @@ def test_feddpa_t_run_writes_config_metrics_and_checkpoints(dpa_t_run):
         )
         assert all(v >= 0 for v in r["timing"].values())
         assert set(r["losses"]) == {str(c) for c in range(CLIENTS)}
-        assert r["eval"]["weighting"] == "bank"
+        assert r["eval"]["weighting"] == "gate"
         assert set(r["eval"]["clients"]) == {str(c) for c in range(CLIENTS)}
         assert 0 <= r["eval"]["avg"]["P"] <= 1 and 0 <= r["eval"]["avg"]["TTP"] <= 1
+        # FedIT read from the same run: the global adapter alone, every client
+        assert set(r["eval"]["global_only"]["clients"]) == {str(c) for c in range(CLIENTS)}
+    # round 0 trains no local adapter: every client is scored by the global adapter alone,
+    # exactly FedIT's scores
+    for cid, c in records[0]["eval"]["clients"].items():
+        assert c["mean_global_weight"] == 1.0 and c["local_weight_own"] == 0.0, cid
+        alone = records[0]["eval"]["global_only"]["clients"][cid]
+        assert (c["P"], c["TTP"]) == (alone["P"], alone["TTP"]), cid
+    last_eval = records[-1]["eval"]["clients"]
+    assert any(c["mean_global_weight"] < 1.0 for c in last_eval.values())  # the gate mixes
     assert all(set(v) == {"global"} for v in records[0]["losses"].values())
     assert all(set(v) == {"local", "global"} for v in records[1]["losses"].values())
 
@@ -160,12 +170,13 @@ def test_feddpa_t_run_writes_config_metrics_and_checkpoints(dpa_t_run):
 def test_feddpa_t_run_writes_results(dpa_t_run):
     run_dir, method = dpa_t_run
     results = run_dir / "results"
-    for name in ("results.md", "results.csv", "curves.png", "clients.png"):
+    for name in ("results.md", "results.csv", "curves.png", "clients.png", "weights.png"):
         assert (results / name).stat().st_size > 0, name
     table = (results / "results.md").read_text()
     assert f"{method} P" in table and "**average**" in table
+    assert "global adapter alone (= FedIT) P" in table and "local weight, own items" in table
     rows = (results / "results.csv").read_text().splitlines()
-    assert rows[0] == "method,client,tasks,P,TTP" and len(rows) == 1 + CLIENTS + 1
+    assert rows[0] == "method,client,tasks,P,TTP" and len(rows) == 1 + 2 * (CLIENTS + 1)
 
 
 def own_task_chance(run_dir: Path) -> float:
@@ -254,7 +265,7 @@ def test_feddpa_f_adds_a_finetune_step_from_the_global(small_cfg, tiny_llama_dir
     records = metrics(run_dir)
     assert [(r["round"], r["phase"]) for r in records] == [(0, "round"), (1, "finetune")]
     assert records[0]["eval"]["weighting"] == "global_only"  # FedIT rounds before fine-tuning
-    assert records[1]["eval"]["weighting"] == "bank"
+    assert records[1]["eval"]["weighting"] == "gate"
     assert all(set(v) == {"finetune"} for v in records[1]["losses"].values())
     assert records[1]["bytes_up"] == 0
 

@@ -1,4 +1,4 @@
-"""The serving engine against the in-process evaluator path (`ClientHost` + `instance_mix` +
+"""The serving engine against the in-process evaluator path (`ClientHost` + `score_items` +
 the task model): per-request weighting modes, mixed-client batches, causal generation, the LRU of
 client adapters, roll-out of a newly committed round, and the errors it raises."""
 
@@ -27,7 +27,7 @@ from feddpa.core.records import Example, format_options
 from feddpa.datasets import read_manifest, read_test
 from feddpa.serving.engine import Request, ServingEngine, UnknownClient
 
-MODES = ["bank", "fixed", "global_only", "local_only", "sample"]
+MODES = ["gate", "bank", "fixed", "global_only", "local_only", "sample"]
 ATOL = 1e-5
 
 
@@ -94,7 +94,7 @@ def test_run_serves_four_clients_with_local_adapters_and_banks(engine):
     assert engine.kind == "multiple_choice"
     assert engine.clients == [0, 1, 2, 3]
     assert engine.version == "round_00001"
-    assert engine.weighting.mode == "bank"
+    assert engine.weighting.mode == "gate"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -113,6 +113,8 @@ def test_predict_equals_in_process_evaluator(engine, reference, client_items, mo
     expected = {"fixed": {0.5}, "global_only": {1.0}, "local_only": {0.0}}
     if mode in expected:
         assert weights == expected[mode]
+    elif mode == "gate":  # calibrated per client: a weight in [0, 1], different per item
+        assert len(weights) > 1 and all(0 <= w <= 1 for w in weights)
     else:  # instance-wise: λ·mean cos (λ = 0.5), different per item
         assert len(weights) > 1 and all(abs(w) <= 0.5 for w in weights)
 
@@ -121,8 +123,26 @@ def test_default_mode_is_the_runs_weighting(engine, client_items):
     ex = client_items[2][0]
     assert_same(
         serve_one(engine, Request(2, ex, "predict")),
-        serve_one(engine, Request(2, ex, "predict", "bank")),
+        serve_one(engine, Request(2, ex, "predict", "gate")),
     )
+
+
+def test_client_without_local_adapter_is_served_by_the_global_alone(run, client_items, tmp_path):
+    """A client that never trained a local adapter (not sampled under partial participation) is
+    served, in every mode, by the global adapter alone: the rule `score_items` applies too."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cdir = latest_round(copy) / "clients" / "client_00003"
+    shutil.rmtree(cdir)
+    live = ServingEngine(copy)
+    reference = Reference(copy)
+    ex = client_items[3][0]
+    for mode in (None, "gate", "bank", "fixed", "local_only"):
+        got = serve_one(live, Request(3, ex, "predict", mode))
+        probs, global_w = reference.probs(3, ex, mode)
+        assert (got.global_weight, got.local_weight) == (1.0, 0.0), mode
+        assert global_w == 1.0, mode
+        torch.testing.assert_close(torch.tensor(got.probs), probs, rtol=0, atol=ATOL)
 
 
 def test_sample_mode_is_seeded_per_client_and_instruction(engine, client_items):
@@ -372,8 +392,8 @@ def test_bank_mode_without_banks_is_refused(run, client_items, tmp_path):
         bank.unlink()
     no_banks = ServingEngine(copy)
     ex = client_items[0][0]
-    for mode in ("bank", "sample", None):
-        with pytest.raises(ValueError, match="no representation bank: use mode fixed"):
+    for mode in ("bank", "sample", "gate", None):
+        with pytest.raises(ValueError, match="no representation bank in this run"):
             no_banks.validate(Request(0, ex, "predict", mode))
         with pytest.raises(ValueError, match="no representation bank"):
             no_banks.run_batch([Request(0, ex, "predict", mode)])
