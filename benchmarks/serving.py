@@ -6,11 +6,13 @@
 Unless given `--run-dir` / `--many-run-dir`, it trains two FedDPA-T runs (synthetic data, 2 rounds,
 eval off, in-process): `main` (8 clients, one task each, 60 items/task) and `many` (IID, 120
 clients x 2 items). Writes `serving.json` (a key per figure + targets/details/meta) and `serving.md`.
-1. throughput_ratio_dynamic_vs_base: `ServingEngine.run_batch`, 16 requests of 8 clients (bank)
-   vs the same model with adapters disabled scoring the same 16 examples (MiniLM, multiple
-   choice). throughput_ratio_dynamic_vs_base_generate: the same for generation (beam 4, 80 new
+1. throughput_ratio_dynamic_vs_base: `ServingEngine.run_batch`, 16 requests of 8 clients (the
+   calibrated gate) vs the same model with adapters disabled scoring the same 16 examples (MiniLM,
+   multiple choice); throughput_ratio_gate_embedding_vs_base: the gate on token embeddings (an
+   `embedding` run: the same data, weighting.representation=embedding). throughput_ratio_dynamic_vs_base_generate: the same for generation (beam 4, 80 new
    tokens) on a MiniLM-size Llama (random init, trained 1 round so every client has adapters).
-2. latency_p50_ratio_dynamic_vs_fixed: single requests through the engine, bank vs fixed.
+2. latency_p50_ratio_dynamic_vs_fixed: single requests through the engine, gate vs fixed (and the
+   gate on token embeddings vs fixed).
 3. clients_resident_per_replica, rss_per_resident_client_mb, cold_load_p50_ms, cold_load_p95_ms,
    cold_load_p50_ms_last20 (the last 20 loads: 100+ clients resident; `many` run).
 4. load_*: closed-loop HTTP clients against Ray Serve on 127.0.0.1: a concurrency curve, its knee
@@ -94,9 +96,12 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
 
-def train_run(name: str, data: dict, root: Path) -> tuple[Path, dict]:
+def train_run(
+    name: str, data: dict, root: Path, weighting: dict | None = None
+) -> tuple[Path, dict]:
     cfg = {"name": name, "method": "feddpa_t", "model": {"kind": "multiple_choice", "threads": 1},
-           "data": data, "federation": {"rounds": 2}, "eval": {"every": 0, "final": False}}  # fmt: skip
+           "data": data, "federation": {"rounds": 2}, "eval": {"every": 0, "final": False},
+           "weighting": weighting or {}}  # fmt: skip
     run_dir, t0, load0 = root / name, time.perf_counter(), loadavg()
     log.info("training %s (%s)", name, data)
     train(build_config(cfg), run_dir, InProcessExecutor)
@@ -135,7 +140,12 @@ def interleaved_rps(runs: dict, n: int, p: Profile) -> tuple[dict, dict]:
     return {k: median(v) for k, v in rates.items()}, rates
 
 
-def throughput(engine: ServingEngine, reqs: list[Request], p: Profile) -> tuple[dict, dict]:
+def throughput(
+    engine: ServingEngine, emb: ServingEngine, reqs: list[Request], p: Profile
+) -> tuple[dict, dict]:
+    """Batch throughput: the run's gate (local-adapter representation), the gate on token
+    embeddings (`emb`: the same data trained with weighting.representation=embedding), the
+    reference bank weighting and a fixed weight, against the base model alone."""
     examples, n, model = [r.example for r in reqs], len(reqs), engine.model
     spread = Mix(torch.linspace(0.5, 1.0, n), 0.0)  # a distinct weight per row: no option dedup
 
@@ -143,22 +153,27 @@ def throughput(engine: ServingEngine, reqs: list[Request], p: Profile) -> tuple[
         with torch.no_grad(), model.peft.disable_adapter():
             model.option_probs(examples, mix)
 
-    runs = {"dynamic_bank": lambda: engine.run_batch(with_mode(reqs, "bank")), "base": base,
+    runs = {"dynamic_gate": lambda: engine.run_batch(with_mode(reqs, "gate")), "base": base,
+            "dynamic_gate_embedding": lambda: emb.run_batch(with_mode(reqs, "gate")),
+            "dynamic_bank": lambda: engine.run_batch(with_mode(reqs, "bank")),
             "fixed": lambda: engine.run_batch(with_mode(reqs, "fixed")),
             "base_no_option_dedup": lambda: base(spread)}  # fmt: skip
     load0 = loadavg()
     rps, rates = interleaved_rps(runs, n, p)
-    dyn, per_row = rps["dynamic_bank"], Mix(torch.rand(n), torch.rand(n))  # distinct row weights
+    dyn, per_row = rps["dynamic_gate"], Mix(torch.rand(n), torch.rand(n))  # distinct row weights
     stems = model.tokenizer([e.stem for e in examples])["input_ids"]
     details = {"batch": n, "clients_in_batch": len({r.client_id for r in reqs}),
                "requests_per_s_median": rps, "requests_per_s_all": rates,
-               "option_sequences_per_batch": {"dynamic": len(option_rows(examples, per_row).texts),
+               "option_sequences_per_batch": {"distinct_weights": len(option_rows(examples, per_row).texts),
                                               "base": len(option_rows(examples, GLOBAL_ONLY).texts)},
                "stem_tokens_per_batch": sum(map(len, stems)),
+               "ratio_bank_vs_base": rps["dynamic_bank"] / rps["base"],
                "ratio_dynamic_vs_base_no_option_dedup": dyn / rps["base_no_option_dedup"],
                "ratio_fixed_vs_base": rps["fixed"] / rps["base"],
                "ratio_dynamic_vs_fixed": dyn / rps["fixed"], "loadavg": [load0, loadavg()]}  # fmt: skip
+    emb_ratio = rps["dynamic_gate_embedding"] / rps["base"]
     figures: dict[str, Figure] = {"throughput_ratio_dynamic_vs_base": (dyn / rps["base"], ">=", 0.75),
+        "throughput_ratio_gate_embedding_vs_base": (emb_ratio, ">=", 0.75),
         "throughput_dynamic_rps": (dyn, None, None), "throughput_base_rps": (rps["base"], None, None)}  # fmt: skip
     return figures, {"throughput": details}
 
@@ -208,38 +223,55 @@ def throughput_generate(run_dir: Path, p: Profile) -> tuple[dict, dict]:
             texts["base"] = model.generate(examples, GLOBAL_ONLY)  # type: ignore[attr-defined]
 
     def dynamic() -> None:
-        texts["dynamic"] = [r.text for r in engine.run_batch(with_mode(reqs, "bank"))]
+        texts["dynamic"] = [r.text for r in engine.run_batch(with_mode(reqs, "gate"))]
 
     load0 = loadavg()
     timing = replace(p, warmup=1, reps=p.gen_reps, loops=1)
-    rps, rates = interleaved_rps({"dynamic_bank": dynamic, "base": base}, n, timing)
+    rps, rates = interleaved_rps({"dynamic_gate": dynamic, "base": base}, n, timing)
     new_tokens = {k: sum(len(model.tokenizer(t)["input_ids"]) for t in v) for k, v in texts.items()}
-    ratio = rps["dynamic_bank"] / rps["base"]
+    ratio = rps["dynamic_gate"] / rps["base"]
     details = {"batch": n, "clients_in_batch": len({r.client_id for r in reqs}),
                "num_beams": p.gen_beams, "max_new_tokens": p.gen_tokens,
                "generated_tokens_per_batch": new_tokens, "requests_per_s_median": rps,
                "requests_per_s_all": rates, "loadavg": [load0, loadavg()]}  # fmt: skip
     figures: dict[str, Figure] = {"throughput_ratio_dynamic_vs_base_generate": (ratio, ">=", 0.75),
-        "throughput_generate_dynamic_rps": (rps["dynamic_bank"], None, None)}  # fmt: skip
+        "throughput_generate_dynamic_rps": (rps["dynamic_gate"], None, None)}  # fmt: skip
     return figures, {"throughput_generate": details}
 
 
-def latency(engine: ServingEngine, reqs: list[Request], p: Profile) -> tuple[dict, dict]:
+def latency(
+    engine: ServingEngine, emb: ServingEngine, reqs: list[Request], p: Profile
+) -> tuple[dict, dict]:
+    """Single requests: the gate (local-adapter and token-embedding representation) vs fixed."""
     rng = random.Random(1)
+    variants = {
+        "gate": (engine, "gate"),
+        "fixed": (engine, "fixed"),
+        "gate_embedding": (emb, "gate"),
+    }
     for r in reqs:  # every client resident, every code path warm
-        engine.run_batch(with_mode([r], "bank"))
-    load0, ms = loadavg(), {"bank": [], "fixed": []}
-    for i in range(p.latency_n):  # the same request in both modes, order alternating
+        for eng, mode in variants.values():
+            eng.run_batch(with_mode([r], mode))
+    load0, ms = loadavg(), {k: [] for k in variants}
+    for i in range(p.latency_n):  # the same request in every variant, order rotating
         req = rng.choice(reqs)
-        for mode in ("bank", "fixed") if i % 2 else ("fixed", "bank"):
+        names = list(variants)
+        for name in names[i % 3 :] + names[: i % 3]:
+            eng, mode = variants[name]
             t0 = time.perf_counter()
-            engine.run_batch(with_mode([req], mode))
-            ms[mode].append((time.perf_counter() - t0) * 1e3)
+            eng.run_batch(with_mode([req], mode))
+            ms[name].append((time.perf_counter() - t0) * 1e3)
     p50 = {k: median(v) for k, v in ms.items()}
     details = {"requests_per_mode": p.latency_n, "p50_ms": p50,
                "p95_ms": {k: pct(v, 95) for k, v in ms.items()}, "loadavg": [load0, loadavg()]}  # fmt: skip
-    ratio = p50["bank"] / p50["fixed"]
-    return {"latency_p50_ratio_dynamic_vs_fixed": (ratio, "<=", 1.15)}, {"latency": details}
+    return {
+        "latency_p50_ratio_dynamic_vs_fixed": (p50["gate"] / p50["fixed"], "<=", 1.15),
+        "latency_p50_ratio_gate_embedding_vs_fixed": (
+            p50["gate_embedding"] / p50["fixed"],
+            "<=",
+            1.15,
+        ),
+    }, {"latency": details}
 
 
 def residency(run_dir: Path, p: Profile) -> tuple[dict, dict]:
@@ -434,11 +466,15 @@ def main(argv: list[str] | None = None) -> int:
             details.update(d)
             log.info("%s", {k: round(float(v[0]), 3) for k, v in f.items()})
 
-        engine = ServingEngine(run_dir)
+        data = {"train_per_task": 60, "test_per_task": 20}
+        emb_dir, details["runs"]["embedding"] = train_run(
+            "embedding", data, root, {"representation": "embedding"}
+        )
+        engine, emb = ServingEngine(run_dir), ServingEngine(emb_dir)
         reqs = own_task_items(run_dir, random.Random(0), per_client=2)[: profile.batch]
-        measure(throughput, engine, reqs, profile)
-        measure(latency, engine, reqs, profile)
-        del engine  # free its memory before the residency engine and the Serve replica
+        measure(throughput, engine, emb, reqs, profile)
+        measure(latency, engine, emb, reqs, profile)
+        del engine, emb  # free their memory before the residency engine and the Serve replica
         gc.collect()
         measure(isolated, residency, many_dir, profile)
         causal_dir, details["runs"]["causal"] = train_causal_run(root, profile)

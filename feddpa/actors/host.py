@@ -159,7 +159,7 @@ class ClientHost:
             state.local = self.engine.adapter_state(LOCAL)
             state.bank = None
             if needs_bank(self.weighting):
-                state.bank = self._bank(cid)
+                state.bank = self._bank(cid, self.weighting)
             if stage is not None:
                 self.write_client(cid, stage)
         upload = (
@@ -177,10 +177,10 @@ class ClientHost:
         if state.bank is not None:
             save_bank(state.bank, cdir / "bank.safetensors")
 
-    def _bank(self, cid: int) -> ClientBank:
+    def _bank(self, cid: int, weighting: WeightingConfig) -> ClientBank:
         """The client's bank under the local adapter now loaded as `local`."""
-        data, cfg = self.clients[cid].data, self.cfg
-        return representation_bank(self.model, data, cfg.eval.batch_size, self.weighting.gate_topk)
+        data, batch = self.clients[cid].data, self.cfg.eval.batch_size
+        return representation_bank(self.model, data, weighting, batch)
 
     def evaluate(
         self,
@@ -196,8 +196,9 @@ class ClientHost:
         state = self.clients[cid]
         has_local = state.local is not None
         self._load(global_state, cid)
-        if has_local and needs_bank(weighting) and state.bank is None:
-            state.bank = self._bank(cid)
+        stale = state.bank is not None and state.bank.representation != weighting.representation
+        if has_local and needs_bank(weighting) and (state.bank is None or stale):
+            state.bank = self._bank(cid, weighting)
         client = ClientWeighting(cid, state.bank, has_local)
         return score_items(
             self.model, self.test, weighting, client, self.cfg.seed, self.cfg.eval.batch_size

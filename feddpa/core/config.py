@@ -117,6 +117,17 @@ class WeightingConfig(_Frozen):
     )
     gate_floor: float = Field(0.0, ge=0, le=1, description="'gate': least local weight")
     gate_ceiling: float = Field(1.0, ge=0, le=1, description="'gate': most local weight")
+    gate_snap: float = Field(
+        1e-3,
+        ge=0,
+        lt=0.5,
+        description="'gate': a weight this close to the floor or ceiling is set to it exactly",
+    )
+    representation: Literal["local", "embedding"] = Field(
+        "local",
+        description="e(x) of the bank modes: 'local' = final hidden state with the local adapter "
+        "alone (the paper); 'embedding' = mean input token embedding (no forward pass)",
+    )
 
     @model_validator(mode="after")
     def _gate_bounds(self) -> WeightingConfig:

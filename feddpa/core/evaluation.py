@@ -16,7 +16,7 @@ import torch
 from feddpa.core import algorithms
 from feddpa.core.adapters import Mix
 from feddpa.core.config import WeightingConfig
-from feddpa.core.models import TaskModel
+from feddpa.core.models import TaskModel, token_embedding_means
 from feddpa.core.records import Example
 from feddpa.core.weighting import ClientBank, RowWeighting, mix_rows
 
@@ -46,27 +46,43 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def representations(
+    model: TaskModel, texts: list[str], representation: str, local: Mix | None = None
+) -> torch.Tensor:
+    """(B, H) e(x) of `texts` as weighting.representation says: the final hidden state with the
+    local adapter alone (`local` routes rows to their clients' adapters in serving; default the
+    model's `local` adapter), or the mean token embedding (the same for every client)."""
+    if representation == "embedding":
+        return token_embedding_means(model, texts)
+    return model.represent(texts) if local is None else model.represent(texts, local)
+
+
 @torch.no_grad()
 def representation_bank(
-    model: TaskModel, data: list[Example], batch_size: int, topk: int
+    model: TaskModel, data: list[Example], cfg: WeightingConfig, batch_size: int
 ) -> ClientBank:
-    """The local-only representations of the client's training prompts, (N, H), calibrated."""
-    reps = [model.represent([model.query_text(e) for e in b]) for b in chunks(data, batch_size)]
-    return ClientBank.build(torch.cat(reps).float(), topk)
+    """The client's training prompts' representations, (N, H), calibrated for the gate."""
+    rep = cfg.representation
+    reps = [
+        representations(model, [model.query_text(e) for e in b], rep)
+        for b in chunks(data, batch_size)
+    ]
+    return ClientBank.build(torch.cat(reps).float(), cfg.gate_topk, rep)
 
 
 def query_representations(
     model: TaskModel, examples: list[Example], rows: list[RowWeighting], local: Mix | None = None
 ) -> torch.Tensor | None:
-    """(B_q, H) local-only representations of the rows that need one; `local` routes the rows
-    to their clients' local adapters (serving), default: the model's `local` adapter."""
+    """(B_q, H) representations of the rows that need one, in row order."""
     wanted = [i for i, r in enumerate(rows) if r.needs_query]
     if not wanted:
         return None
+    kinds = {rows[i].cfg.representation for i in wanted}
+    if len(kinds) > 1:
+        raise ValueError(f"one batch mixes representations {sorted(kinds)}")
     texts = [model.query_text(examples[i]) for i in wanted]
-    if local is None:
-        return model.represent(texts)
-    return model.represent(texts, local.rows(torch.tensor(wanted)))
+    route = None if local is None else local.rows(torch.tensor(wanted))
+    return representations(model, texts, kinds.pop(), route)
 
 
 @torch.no_grad()

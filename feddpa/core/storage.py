@@ -18,6 +18,7 @@ from feddpa.core.weighting import ClientBank
 ADAPTER_FILE = "adapter_model.safetensors"
 BANK_FILE = "bank.safetensors"
 DEFAULT_GATE_TOPK = WeightingConfig().gate_topk
+REPRESENTATIONS = ("local", "embedding")  # stored in a bank file as the index
 
 
 def fsync_dir(path: Path) -> None:
@@ -70,7 +71,9 @@ def load_adapter(directory: Path) -> dict[str, torch.Tensor]:
 def save_bank(bank: ClientBank, path: Path) -> None:
     """The representations and the gate's calibration, in one file (one atomic rename)."""
     topk = torch.tensor([bank.topk])
-    save_tensors({"bank": bank.vectors, "loo": bank.loo, "loo_topk": topk}, path)
+    kind = torch.tensor([REPRESENTATIONS.index(bank.representation)])
+    tensors = {"bank": bank.vectors, "loo": bank.loo, "loo_topk": topk, "representation": kind}
+    save_tensors(tensors, path)
 
 
 def load_bank(path: Path) -> ClientBank:
@@ -86,7 +89,12 @@ def load_bank(path: Path) -> ClientBank:
         raise ValueError(f"{path}: no 'bank' tensor in this file: not a feddpa bank")
     if "loo" not in tensors:
         return ClientBank.build(tensors["bank"], DEFAULT_GATE_TOPK)
-    return ClientBank(tensors["bank"], tensors["loo"], int(tensors["loo_topk"][0]))
+    kind = (
+        REPRESENTATIONS[int(tensors["representation"][0])]
+        if "representation" in tensors
+        else "local"
+    )
+    return ClientBank(tensors["bank"], tensors["loo"], int(tensors["loo_topk"][0]), kind)
 
 
 LATEST = "LATEST"

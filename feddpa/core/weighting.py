@@ -17,6 +17,8 @@ e(x) for all its training prompts, computed once per local adapter. Modes:
 
       w_local(x) = floor + (ceiling − floor) · σ((s(x) − τ) / ω),   w_global = 1 − w_local,
 
+  with σ within `gate_snap` of 0 or 1 set to 0 or 1 exactly,
+
   so own-task inputs lean local and unfamiliar ones lean global, per client, whatever the level
   of its cosines. It uses the client's own bank only; `weight_on` does not apply to it.
 - `sample`: K random rows per instance, seeded per (client, prompt) — the reference code;
@@ -70,15 +72,18 @@ class ClientBank:
     vectors: torch.Tensor
     loo: torch.Tensor
     topk: int
+    representation: str = "local"  # weighting.representation the vectors were computed with
 
     @classmethod
-    def build(cls, vectors: torch.Tensor, topk: int) -> ClientBank:
+    def build(cls, vectors: torch.Tensor, topk: int, representation: str = "local") -> ClientBank:
         vectors = vectors.float()
-        return cls(vectors, leave_one_out_scores(vectors, topk), topk)
+        return cls(vectors, leave_one_out_scores(vectors, topk), topk, representation)
 
     def calibrated(self, topk: int) -> ClientBank:
         """This bank calibrated for `topk` neighbours (recomputed only if it differs)."""
-        return self if topk == self.topk else ClientBank.build(self.vectors, topk)
+        if topk == self.topk:
+            return self
+        return ClientBank.build(self.vectors, topk, self.representation)
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -97,6 +102,9 @@ def gate_local_weights(
     """(B,) kNN scores -> (B,) local weights in [floor, ceiling], monotone in the score."""
     tau, width = gate_calibration(bank.calibrated(cfg.gate_topk).loo, cfg)
     unit = torch.sigmoid((scores - tau) / width)
+    # saturated rows become exactly one adapter: the same numbers as that adapter alone, and
+    # rows without local weight share their computation across clients in a serving batch
+    unit = torch.where(unit < cfg.gate_snap, 0.0, torch.where(unit > 1 - cfg.gate_snap, 1.0, unit))
     return cfg.gate_floor + (cfg.gate_ceiling - cfg.gate_floor) * unit
 
 
@@ -154,6 +162,12 @@ def instance_mix(
         return mix_for_weight(cfg.fixed, cfg.weight_on)
     if queries is None or bank is None or len(bank) == 0:
         raise ValueError(f"weighting mode {cfg.mode!r} needs query representations and a bank")
+    if bank.representation != cfg.representation:
+        raise ValueError(
+            f"the client's bank holds {bank.representation!r} representations but "
+            f"weighting.representation is {cfg.representation!r}: rebuild the bank or set "
+            f"weighting.representation={bank.representation}"
+        )
     if cfg.mode == "gate":
         scores = knn_scores(cosine_matrix(queries, bank.vectors), cfg.gate_topk)
         w_local = gate_local_weights(scores, bank, cfg)

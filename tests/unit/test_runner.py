@@ -230,6 +230,17 @@ def test_eval_cli_reevaluates_with_another_weighting(dpa_t_run, capsys):
     assert "eval can only change" in capsys.readouterr().err
 
 
+def test_eval_with_the_embedding_representation_rebuilds_the_banks(dpa_t_run, tmp_path, capsys):
+    """The run's banks hold local-adapter representations; evaluating with the token-embedding
+    representation rebuilds them (never mixes the two) and scores every client."""
+    run_dir, _ = dpa_t_run
+    out = tmp_path / "emb"
+    sets = ["--set", "weighting.representation=embedding", "--out", str(out)]
+    assert cli("eval", str(run_dir), *sets) == 0
+    assert "gate" in capsys.readouterr().out
+    assert "local weight, own items" in (out / "results.md").read_text()
+
+
 # --- the other methods (tiny Llama, 2 clients) ----------------------------------------------------
 
 

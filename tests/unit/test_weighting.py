@@ -331,7 +331,9 @@ def test_bank_file_round_trip_keeps_the_calibration(tmp_path):
     save_bank(bank, tmp_path / "bank.safetensors")
     got = load_bank(tmp_path / "bank.safetensors")
     assert torch.equal(got.vectors, bank.vectors) and torch.equal(got.loo, bank.loo)
-    assert got.topk == 3
+    assert got.topk == 3 and got.representation == "local"
+    save_bank(ClientBank.build(bank.vectors, 3, "embedding"), tmp_path / "emb.safetensors")
+    assert load_bank(tmp_path / "emb.safetensors").representation == "embedding"
 
 
 def test_bank_file_without_calibration_is_calibrated_on_load(tmp_path):
@@ -354,3 +356,23 @@ def test_corrupt_bank_file_error_names_the_file(tmp_path):
     path.write_bytes(b"\x00\x01 not safetensors")
     with pytest.raises(ValueError, match="client_00004/bank.safetensors: unreadable"):
         load_bank(path)
+
+
+def test_gate_snaps_saturated_weights_to_one_adapter_exactly():
+    loo = torch.arange(11, dtype=torch.float32) / 10
+    bank = ClientBank(torch.eye(11), loo, 5)
+    c = cfg(mode="gate", gate_quantile=0.1, gate_width=0.25)  # τ = 0.1, ω = 0.1
+    got = gate_local_weights(torch.tensor([-5.0, 5.0, 0.1]), bank, c)
+    assert got.tolist() == [0.0, 1.0, 0.5]
+    bounded = cfg(mode="gate", gate_quantile=0.1, gate_floor=0.2, gate_ceiling=0.9)
+    close(gate_local_weights(torch.tensor([-5.0, 5.0]), bank, bounded), [0.2, 0.9])
+    unsnapped = cfg(mode="gate", gate_quantile=0.1, gate_width=0.25, gate_snap=0.0)
+    assert 0 < float(gate_local_weights(torch.tensor([-0.7]), bank, unsnapped)[0]) < 1e-3
+
+
+def test_bank_of_another_representation_is_refused():
+    emb = ClientBank.build(BANK, 5, "embedding")
+    with pytest.raises(ValueError, match="weighting.representation=embedding"):
+        instance_mix(QUERIES, emb, cfg(mode="gate"))
+    got = instance_mix(QUERIES, emb, cfg(mode="gate", representation="embedding"))
+    assert got.local_w.shape == (2,)

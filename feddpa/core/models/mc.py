@@ -47,7 +47,8 @@ def option_rows(examples: list[Example], mix: Mix) -> OptionRows:
             )
         ids = []
         for opt in options:
-            key = (opt, float(wg[i]), float(wl[i]), int(route[i]))
+            # a row without local weight computes the same for every client: shared across them
+            key = (opt, float(wg[i]), float(wl[i]), int(route[i]) if float(wl[i]) else -1)
             if key not in seen:
                 seen[key] = len(texts)
                 texts.append(opt)
