@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from feddpa.core.config import ConfigError, ExperimentConfig, load_config
+from feddpa.core.storage import EXECUTION_FILE, RunLocked, atomic_write_json
 
 
 def _quiet_libraries() -> None:
@@ -52,6 +53,28 @@ def print_results(run_dir: Path, title: str) -> None:
     print(f"tables and plots: {run_dir / 'results'}")
 
 
+def resumed_executor(run_dir: Path, ray_arg: str | None, in_process: bool) -> str | None:
+    """The Ray address to resume with: as the run was started (RUN/execution.json) unless
+    --ray or --in-process says otherwise. The in-process and Ray paths run torch with different
+    thread counts, so only a run resumed the way it started is bit-identical."""
+    if in_process:
+        return None
+    if ray_arg is not None:
+        return ray_arg
+    path = run_dir / EXECUTION_FILE
+    if not path.is_file():
+        print(
+            f"feddpa: {path} is missing (a run from an older version): resuming in-process; "
+            "pass --ray ADDRESS if it ran on Ray",
+            file=sys.stderr,
+        )
+        return None
+    started = json.loads(path.read_text()).get("ray")
+    how = f"on Ray ({started})" if started else "in-process"
+    print(f"resuming {run_dir} {how}, as it was started", file=sys.stderr)
+    return started
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from feddpa.orchestrator.executor import InProcessExecutor
     from feddpa.orchestrator.loop import ensure_new_run_dir, resumed_config, train
@@ -59,10 +82,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         cfg = resumed_config(run_dir)
+        args.ray = resumed_executor(run_dir, args.ray, args.in_process)
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
         ensure_new_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / EXECUTION_FILE, {"ray": args.ray})
     setup_logging(run_dir, args.verbose)
     start = time.perf_counter()
     if args.ray:
@@ -188,7 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray",
         metavar="local|auto|ADDRESS",
         help="run clients in Ray actors: 'local' starts Ray on 127.0.0.1, 'auto' or an address "
-        "joins a running cluster (default: every client in this process)",
+        "joins a running cluster (default: every client in this process; with --resume: "
+        "as the run was started)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="with --resume: continue in this process even if the run was started on Ray",
     )
     p.set_defaults(func=cmd_train)
 
@@ -241,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError, RunLocked) as err:
         print(f"feddpa: error: {err}", file=sys.stderr)
         return 2
 

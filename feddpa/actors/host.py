@@ -23,11 +23,14 @@ from feddpa.core.models import TaskModel, build_task_model
 from feddpa.core.models.loading import lora_config
 from feddpa.core.records import Example
 from feddpa.core.storage import (
+    client_dir,
     latest_checkpoint,
     load_adapter,
     load_bank,
     save_adapter,
     save_bank,
+    stage_client,
+    stage_dir,
 )
 from feddpa.core.training import run_phase
 from feddpa.core.weighting import ClientBank, needs_bank
@@ -36,10 +39,6 @@ from feddpa.datasets import read_manifest, read_shard, read_test
 log = logging.getLogger(__name__)
 
 POOLED = -1  # the Centralized baseline's single client holding every shard
-
-
-def client_dir(root: Path, client_id: int) -> Path:
-    return root / "clients" / f"client_{client_id:05d}"
 
 
 @dataclass
@@ -66,10 +65,12 @@ class ClientHost:
         client_ids: list[int],
         checkpoints: Path | None = None,
     ) -> None:
-        """`checkpoints`: the run's checkpoints/ dir; owned clients are restored from its latest
-        committed round at the first call (after a resume or an actor restart)."""
+        """`checkpoints`: the run's checkpoints/ dir. Every owned client starts *stale*: at its
+        first call it is read from the run directory (after a resume or an actor restart)."""
         self.cfg = cfg
-        self._restore_from = checkpoints
+        self.checkpoints = checkpoints
+        # clients whose in-memory state must be re-read from the run directory before use
+        self.stale: set[int] = set(client_ids) if checkpoints is not None else set()
         self.manifest = read_manifest(data_dir)
         self.data_dir = data_dir
         self.model: TaskModel = build_task_model(cfg.model, cfg.lora, cfg.eval)
@@ -97,21 +98,42 @@ class ClientHost:
             self._test = read_test(self.data_dir, self.manifest)
         return self._test
 
-    def _restore_once(self) -> None:
-        root, self._restore_from = self._restore_from, None
-        latest = latest_checkpoint(root) if root is not None else None
-        if latest is not None:
-            self.restore(latest)
+    def discard(self, cid: int) -> None:
+        """Forget client `cid`'s in-memory state (its round failed): the next call re-reads it."""
+        self.stale.add(cid)
+
+    def _current(self, cid: int, step: int | None = None) -> ClientState:
+        """Client `cid` as the run directory says: after finishing round `step` (evaluation),
+        its own staged files of that round; otherwise the latest committed round; fresh if none.
+        The client stays stale until its files have been read, so a failed read raises again at
+        the next call and never falls back to a fresh adapter."""
+        state = self.clients[cid]
+        if cid not in self.stale or self.checkpoints is None:
+            return state
+        source = None
+        if step is not None and client_dir(stage_dir(self.checkpoints, step), cid).is_dir():
+            source = client_dir(stage_dir(self.checkpoints, step), cid)
+        elif (latest := latest_checkpoint(self.checkpoints)) is not None:
+            source = client_dir(latest, cid)
+        local = bank = None
+        if source is not None and (source / "local").is_dir():
+            local = load_adapter(source / "local")
+        if source is not None and (source / "bank.safetensors").is_file():
+            bank = load_bank(source / "bank.safetensors")
+        log.info("client %d: state read from %s", cid, source or "nothing (fresh)")
+        state.local, state.bank = local, bank
+        self.stale.discard(cid)
+        return state
 
     def restore(self, checkpoint: Path) -> None:
         """Load every owned client's local adapter and bank from a committed round."""
         log.info("restoring %d clients from %s", len(self.clients), checkpoint)
         for cid, state in self.clients.items():
             cdir = client_dir(checkpoint, cid)
-            if (cdir / "local").is_dir():
-                state.local = load_adapter(cdir / "local")
-            if (cdir / "bank.safetensors").is_file():
-                state.bank = load_bank(cdir / "bank.safetensors")
+            state.local = load_adapter(cdir / "local") if (cdir / "local").is_dir() else None
+            bank = cdir / "bank.safetensors"
+            state.bank = load_bank(bank) if bank.is_file() else None
+            self.stale.discard(cid)
 
     def _local(self, cid: int) -> AdapterState:
         """The client's trained local adapter, or its seeded fresh start (not kept: `state.local`
@@ -130,8 +152,7 @@ class ClientHost:
     def fit(self, cid: int, step: int, global_state: AdapterState, stage: Path | None) -> FitResult:
         """Run the method's phases of `step` for client `cid`; stage its changed local files."""
         start = time.perf_counter()
-        self._restore_once()
-        state = self.clients[cid]
+        state = self._current(cid)
         finetune = step >= self.cfg.federation.rounds
         phases = (
             algorithms.finetune_phases(self.cfg)
@@ -170,12 +191,16 @@ class ClientHost:
         return FitResult(cid, len(state.data), upload, losses, time.perf_counter() - start)
 
     def write_client(self, cid: int, root: Path) -> None:
+        """Stage the client's local adapter and bank together (one rename: all or nothing)."""
         state = self.clients[cid]
-        cdir = client_dir(root, cid)
-        if state.local is not None:
-            save_adapter(state.local, self.lora_config, cdir / "local")
-        if state.bank is not None:
-            save_bank(state.bank, cdir / "bank.safetensors")
+
+        def write(cdir: Path) -> None:
+            if state.local is not None:
+                save_adapter(state.local, self.lora_config, cdir / "local")
+            if state.bank is not None:
+                save_bank(state.bank, cdir / "bank.safetensors")
+
+        stage_client(root, cid, write)
 
     def _bank(self, cid: int, weighting: WeightingConfig) -> ClientBank:
         """The client's bank under the local adapter now loaded as `local`."""
@@ -192,8 +217,7 @@ class ClientHost:
         """Per-item test scores of client `cid` under its instance-wise weighting. A client that
         never trained a local adapter is scored with the global adapter alone."""
         weighting = weighting or self.weighting
-        self._restore_once()
-        state = self.clients[cid]
+        state = self._current(cid, step)
         has_local = state.local is not None
         self._load(global_state, cid)
         stale = state.bank is not None and state.bank.representation != weighting.representation

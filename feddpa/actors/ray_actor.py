@@ -51,6 +51,9 @@ class ClientActor:
     ) -> None:
         self.host = ClientHost(cfg, data_dir, client_ids, Path(checkpoints))
 
+    def discard(self, cid: int) -> None:
+        self.host.discard(cid)
+
     def fit(self, cid: int, step: int, global_state: Wire, stage: str) -> FitResult:
         result = self.host.fit(cid, step, from_wire(global_state).state(), Path(stage))
         if result.global_state is None:

@@ -3,8 +3,10 @@
     θ_global = Σ_m n_m θ_m / Σ_m n_m
 
 Updates are folded in one at a time, so memory is one sum buffer whatever the number of clients.
-The sum is kept in float64, which makes the result independent of arrival order up to float32
-rounding of the final average (the Ray driver folds updates in completion order).
+The sum is kept in float64. Floating-point addition is not associative, so `OrderedAverage` folds
+in client-id order whatever the arrival order (Ray delivers updates in completion order): an
+update that arrives early waits in a reorder buffer until every lower id has arrived or is known
+missing, which makes the average, and so a resumed run, bit-identical however the updates arrive.
 
 An update travels and folds as a `FlatState`: all adapter tensors in one contiguous 1-D buffer
 plus their layout, so a fold is a single `add_` over the whole adapter (a per-tensor loop costs
@@ -118,6 +120,51 @@ class RunningAverage:
         if self._sum is None or self._layout is None:
             raise ValueError("FedAvg over zero updates")
         return FlatState(self._layout, (self._sum / self.total_weight).to(self._dtype)).state()
+
+
+class OrderedAverage:
+    """A `RunningAverage` that folds updates in the order of `expected` client ids, whatever
+    order they arrive in. Memory: the sum buffer plus the updates that arrived ahead of a lower
+    id still running (none when they arrive in order; all but one if the first is the last)."""
+
+    def __init__(self, expected: list[int]) -> None:
+        self._order = sorted(expected)
+        self._next = 0
+        self._pending: dict[int, tuple[State | FlatState, float]] = {}
+        self._missing: set[int] = set()
+        self.avg = RunningAverage()
+
+    def add(self, client_id: int, state: State | FlatState, weight: float) -> None:
+        if client_id not in self._order[self._next :] or client_id in self._pending:
+            raise ValueError(f"client {client_id}: update not expected (or already folded)")
+        self._pending[client_id] = (state, weight)
+        self._drain()
+
+    def skip(self, client_id: int) -> None:
+        """Client `client_id` will not report (failed or timed out): stop waiting for it."""
+        self._missing.add(client_id)
+        self._drain()
+
+    def _drain(self) -> None:
+        while self._next < len(self._order):
+            cid = self._order[self._next]
+            if cid in self._pending:
+                self.avg.add(*self._pending.pop(cid))
+            elif cid not in self._missing:
+                return
+            self._next += 1
+
+    @property
+    def count(self) -> int:
+        return self.avg.count + len(self._pending)
+
+    def result(self) -> State:
+        """The average over every update received; clients that never reported are skipped."""
+        for cid in self._order[self._next :]:
+            if cid not in self._pending:
+                self._missing.add(cid)
+        self._drain()
+        return self.avg.result()
 
 
 def fedavg(updates: list[tuple[State, float]]) -> State:

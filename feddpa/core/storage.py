@@ -1,11 +1,21 @@
-"""On-disk formats shared by training and serving: adapters in stock PEFT format, representation
-banks, and atomic writes (write to a temp file, fsync, rename)."""
+"""The run directory's layout and on-disk formats, shared by training, serving and the CLI: paths
+(rounds, stages, client directories, LATEST), adapters in stock PEFT format, representation banks,
+and atomic writes (write to a temp file or directory, fsync, rename).
+
+    RUN/checkpoints/round_00003/clients/client_00007/{local/, bank.safetensors}
+    RUN/checkpoints/.stage_00004/...   the round being written (hosts stage their clients here)
+    RUN/checkpoints/LATEST             name of the newest committed round
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,7 +75,15 @@ def save_adapter(state: dict[str, torch.Tensor], config: LoraConfig, directory: 
 
 
 def load_adapter(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / ADAPTER_FILE))
+    path = directory / ADAPTER_FILE
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: adapter file missing") from None
+    except Exception as err:  # safetensors raises its own error types, naming no file
+        raise ValueError(
+            f"{path}: unreadable adapter ({err}); restore it from an earlier round or retrain"
+        ) from None
 
 
 def save_bank(bank: ClientBank, path: Path) -> None:
@@ -98,6 +116,23 @@ def load_bank(path: Path) -> ClientBank:
 
 
 LATEST = "LATEST"
+EXECUTION_FILE = "execution.json"  # how the run was started: {"ray": null | "local" | ADDRESS}
+LOCK_FILE = ".lock"  # held by the one process writing the run directory
+ROUND_NAME = re.compile(r"round_\d{5,}")
+
+
+def round_name(step: int) -> str:
+    return f"round_{step:05d}"
+
+
+def stage_dir(checkpoints: Path, step: int) -> Path:
+    """Where round `step` is written before it is committed."""
+    return checkpoints / f".stage_{step:05d}"
+
+
+def client_dir(root: Path, client_id: int) -> Path:
+    """A client's files inside a round or a stage directory."""
+    return root / "clients" / f"client_{client_id:05d}"
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -105,7 +140,83 @@ def latest_checkpoint(root: Path) -> Path | None:
     marker = root / LATEST
     if not marker.is_file():
         return None
-    path = root / marker.read_text().strip()
+    name = marker.read_text().strip()
+    if not ROUND_NAME.fullmatch(name):
+        raise ValueError(
+            f"{marker} names {name!r}, not a round directory (round_NNNNN): "
+            "write the newest round_* directory's name into it"
+        )
+    path = root / name
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"{marker} names {path.name}, which has no state.json")
     return path
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def stage_client(stage: Path, client_id: int, write: Callable[[Path], None]) -> Path:
+    """Write a client's files with `write(tmp_dir)` and move them into the stage in one rename:
+    the stage holds all of a client's files or none (a crash leaves only a hidden temp dir)."""
+    final = client_dir(stage, client_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        if final.exists():  # the same client staged again in this round: the newer one wins
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing this run directory."""
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Exclusive ownership of a run directory for the block (an advisory `flock` on RUN/.lock,
+    released by the OS if the process dies). A second writer fails at once with a clear error.
+    On a cluster the lock is only as good as the shared filesystem's flock."""
+    import fcntl
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            raise RunLocked(
+                f"{run_dir} is being written by {owner}; wait for it to finish or stop it "
+                "before resuming"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield  # closing the file releases the lock
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file; a corrupt line is an error naming the file and line."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}:{number}: not a JSON record ({err.msg}); delete that line and resume"
+            ) from None
+    return records

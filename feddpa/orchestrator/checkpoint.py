@@ -26,22 +26,13 @@ from feddpa.core.storage import (
     atomic_write_bytes,
     atomic_write_json,
     fsync_dir,
+    fsync_tree,
     latest_checkpoint,
     load_adapter,
+    round_name,
     save_adapter,
+    stage_dir,
 )
-
-
-def round_name(step: int) -> str:
-    return f"round_{step:05d}"
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with open(Path(dirpath) / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(Path(dirpath))
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -72,7 +63,7 @@ class Checkpoints:
         return load_adapter(path / "global")
 
     def stage(self, step: int) -> Path:
-        stage = self.root / f".stage_{step:05d}"
+        stage = stage_dir(self.root, step)
         if stage.exists():
             shutil.rmtree(stage)
         stage.mkdir(parents=True)
@@ -86,7 +77,13 @@ class Checkpoints:
         config: LoraConfig,
         state: dict,
         metrics: dict,
+        reported: set[int] | None = None,
     ) -> Path:
+        """Commit the stage as round `step`. Of the staged clients only those in `reported` are
+        taken (a client that failed or timed out may have staged files: they are dropped); every
+        other client is carried forward from the previous round."""
+        if reported is not None:
+            self.drop_unreported(stage, reported)
         previous = self.latest()
         if previous is not None and (previous / "clients").is_dir():
             for cdir in (previous / "clients").iterdir():
@@ -95,7 +92,7 @@ class Checkpoints:
         save_adapter(global_state, config, stage / "global")
         atomic_write_json(stage / "metrics.json", metrics)
         atomic_write_json(stage / "state.json", state)
-        _fsync_tree(stage)
+        fsync_tree(stage)
         final = self.root / round_name(step)
         if final.exists():  # a committed round being redone after LATEST moved back: never mix
             shutil.rmtree(final)
@@ -104,6 +101,15 @@ class Checkpoints:
         atomic_write_bytes(self.root / LATEST, final.name.encode())
         self._prune()
         return final
+
+    @staticmethod
+    def drop_unreported(stage: Path, reported: set[int]) -> None:
+        """Remove staged files of clients that did not report (and half-staged temp dirs)."""
+        if not (stage / "clients").is_dir():
+            return
+        for cdir in (stage / "clients").iterdir():
+            if cdir.name.startswith(".") or int(cdir.name.split("_")[1]) not in reported:
+                shutil.rmtree(cdir)
 
     def _prune(self) -> None:
         rounds = sorted(p for p in self.root.glob("round_*") if p.is_dir())

@@ -37,6 +37,10 @@ class Executor(Protocol):
         """{'failures': [...], 'transfer_s': float} since the last call."""
         ...
 
+    def discard(self, client_ids: list[int]) -> None:
+        """These clients' rounds failed: their hosts re-read them from the run directory."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -67,6 +71,10 @@ class InProcessExecutor:
 
     def round_stats(self) -> dict:
         return {"failures": [], "transfer_s": 0.0}  # in process, a failing client raises
+
+    def discard(self, client_ids: list[int]) -> None:
+        for cid in client_ids:
+            self.host.discard(cid)
 
     def close(self) -> None:
         return None

@@ -12,18 +12,28 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from feddpa.core import algorithms
 from feddpa.core.adapters import AdapterState
 from feddpa.core.config import ExperimentConfig, load_config, save_config
 from feddpa.core.evaluation import ItemScores, summarize
-from feddpa.core.fedavg import RunningAverage, state_nbytes
+from feddpa.core.fedavg import FlatState, OrderedAverage, state_nbytes
 from feddpa.core.models.loading import lora_config
+from feddpa.core.storage import (
+    EXECUTION_FILE,
+    LOCK_FILE,
+    atomic_write_bytes,
+    client_dir,
+    read_jsonl,
+    run_lock,
+)
 from feddpa.datasets import Manifest, read_manifest, read_test
 from feddpa.datasets.prepare import prepare_shards
 from feddpa.orchestrator.checkpoint import Checkpoints
@@ -91,7 +101,8 @@ def average(clients: dict[str, dict]) -> dict[str, float]:
 
 
 def ensure_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and any(p.name != "train.log" for p in run_dir.iterdir()):
+    written_first = ("train.log", EXECUTION_FILE, LOCK_FILE)  # by the CLI before training starts
+    if run_dir.exists() and any(p.name not in written_first for p in run_dir.iterdir()):
         raise FileExistsError(
             f"run directory {run_dir} already exists and is not empty; choose another "
             f"--run-dir or continue it with --resume {run_dir}"
@@ -111,17 +122,41 @@ def resumed_config(run_dir: Path) -> ExperimentConfig:
 
 
 def append_metrics(run_dir: Path, record: dict, upto_step: int) -> None:
-    """Append `record`, first dropping lines of steps >= upto_step left by a killed run."""
+    """Append `record`, first dropping lines of steps >= upto_step left by a killed run; the file
+    is replaced atomically, so a kill leaves the old or the new file, never a torn line."""
     path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["round"] < upto_step]
-    path.write_text("".join(ln + "\n" for ln in [*kept, json.dumps(record, sort_keys=True)]))
+    kept = [r for r in read_jsonl(path) if r["round"] < upto_step] if path.exists() else []
+    lines = [json.dumps(r, sort_keys=True) + "\n" for r in [*kept, record]]
+    atomic_write_bytes(path, "".join(lines).encode())
+
+
+def recover_metrics(run_dir: Path, latest: Path | None) -> None:
+    """A run killed between committing a round and writing its metrics line: the committed
+    round's own metrics.json has the line."""
+    if latest is None:
+        return
+    record = json.loads((latest / "metrics.json").read_text())
+    path = run_dir / "metrics.jsonl"
+    have = {r["round"] for r in read_jsonl(path)} if path.exists() else set()
+    if record.get("round") is not None and record["round"] not in have:
+        log.warning(
+            "metrics.jsonl lacks committed round %d: restored from %s", record["round"], latest
+        )
+        append_metrics(run_dir, record, record["round"])
 
 
 def train(
     cfg: ExperimentConfig, run_dir: Path, make_executor: ExecutorFactory, *, resume: bool = False
 ) -> dict:
-    """Run (or resume) a training run; returns the final evaluation record."""
+    """Run (or resume) a training run; returns the final evaluation record. The process holds
+    the run directory's lock throughout: a second writer (say, a second --resume) fails at once."""
+    with run_lock(run_dir):
+        return _train(cfg, run_dir, make_executor, resume)
+
+
+def _train(
+    cfg: ExperimentConfig, run_dir: Path, make_executor: ExecutorFactory, resume: bool
+) -> dict:
     if resume:
         cfg = resumed_config(run_dir)
     else:
@@ -134,6 +169,7 @@ def train(
     client_ids = manifest.client_ids
     ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
     latest = ckpts.latest()
+    recover_metrics(run_dir, latest)
     executor = make_executor(cfg, str(data_dir), client_ids, ckpts.root)
     try:
         start = ckpts.state(latest)["completed_steps"] if latest else 0
@@ -180,24 +216,38 @@ def run_step(
     sampled = ids if finetune else sample_clients(ids, cfg.federation, cfg.seed, step)
     fit_ids = [-1] if cfg.method == "centralized" and not finetune else sampled
     stage = ckpts.stage(step)
-    avg = RunningAverage()
-    losses, compute, bytes_up, fold_s = {}, 0.0, 0, 0.0
+    avg = OrderedAverage(fit_ids)  # folds in client-id order: bit-identical whatever arrives first
+    losses, compute, bytes_up, fold_s, rejected = {}, 0.0, 0, 0.0, []
     for res in executor.fit(step, fit_ids, global_state, stage):
-        losses[str(res.client_id)] = res.losses
         compute += res.compute_s
-        if res.global_state is not None:
-            t = time.perf_counter()
-            avg.add(res.global_state, res.num_examples)
-            fold_s += time.perf_counter() - t
-            bytes_up += state_nbytes(res.global_state)
+        if res.global_state is None:
+            losses[str(res.client_id)] = res.losses
+            continue
+        t = time.perf_counter()
+        update = FlatState.of(res.global_state)
+        if not bool(torch.isfinite(update.data).all()):
+            reject_update(step, res.client_id, stage)
+            executor.discard([res.client_id])
+            avg.skip(res.client_id)
+            rejected.append(res.client_id)
+            continue
+        losses[str(res.client_id)] = res.losses
+        avg.add(res.client_id, update, res.num_examples)
+        fold_s += time.perf_counter() - t
+        bytes_up += state_nbytes(update)
     t_fit = time.perf_counter()
     stats = executor.round_stats()
+    stats["failures"] += [
+        {"round": step, "client": c, "call": "fit", "error": "non-finite update"} for c in rejected
+    ]
     if len(losses) < min(cfg.federation.min_fit_clients, len(fit_ids)):
         raise RuntimeError(
             f"round {step}: only {len(losses)} of {len(fit_ids)} clients reported, fewer than "
             f"federation.min_fit_clients={cfg.federation.min_fit_clients}; "
             f"failures: {stats['failures']}"
         )
+    reported = {int(c) for c in losses}
+    ckpts.drop_unreported(stage, reported)  # evaluation reads staged files of reporters only
     if avg.count:
         global_state = avg.result()
     t_agg = time.perf_counter()
@@ -226,7 +276,9 @@ def run_step(
         "failures": stats["failures"] + eval_stats["failures"],
     }
     state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled, "clients": ids}
-    ckpts.commit(step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record)
+    ckpts.commit(
+        step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record, reported
+    )
     timing["checkpoint_s"] = time.perf_counter() - t_eval
     timing["wall_s"] = time.perf_counter() - t0
     append_metrics(run_dir, record, step)
@@ -235,6 +287,18 @@ def run_step(
             "round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"]
         )
     return global_state, evaluation
+
+
+def reject_update(step: int, client_id: int, stage: Path) -> None:
+    """A client whose global update holds NaN/inf: left out of the average, and its staged local
+    files dropped, so the commit carries the client's previous round forward."""
+    log.error(
+        "round %d client %d: its update has NaN/inf values; left out of the average, "
+        "its previous round kept",
+        step,
+        client_id,
+    )
+    shutil.rmtree(client_dir(stage, client_id), ignore_errors=True)
 
 
 def run_manifest(run_dir: Path) -> Manifest:

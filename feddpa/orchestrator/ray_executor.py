@@ -73,9 +73,7 @@ class RayExecutor:
             left = deadline - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0))
             if not ready:
-                for ref, cid in pending.items():
-                    ray.cancel(ref)
-                    self._fail(step, cid, what, "round timeout")
+                self._kill_late(pending, step, what)
                 return
             ref = ready[0]
             cid = pending.pop(ref)
@@ -87,6 +85,23 @@ class RayExecutor:
                 yield value
             except (RayActorError, RayTaskError, GetTimeoutError, ObjectLostError) as err:
                 self._fail(step, cid, what, f"{type(err).__name__}: {str(err).splitlines()[0]}")
+
+    def _kill_late(self, pending: dict, step: int, what: str) -> None:
+        """The round timed out: kill (and let Ray restart) every actor still running one of its
+        calls. `ray.cancel` cannot stop a running synchronous actor task, and a late client would
+        go on changing its state and writing into the stage; a restarted host re-reads its
+        clients from the run directory."""
+        late = {self.actors.index(self.owner[cid]) for cid in pending.values()}
+        for idx in sorted(late):
+            log.warning(
+                "round %d: killing client actor %d (round timeout); Ray restarts it", step, idx
+            )
+            ray.kill(self.actors[idx], no_restart=False)
+        for cid in pending.values():
+            self._fail(step, cid, what, "round timeout: its actor was killed")
+
+    def discard(self, client_ids: list[int]) -> None:
+        ray.get([self.owner[cid].discard.remote(cid) for cid in client_ids])
 
     def _await_restarts(self) -> None:
         """Before dispatching, wait (bounded by the round timeout) for crashed actors to restart."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from feddpa.core.storage import read_jsonl  # noqa: E402
 
 Summary = dict  # {"final": eval record, "curve": [[round, P, TTP], ...]}
 
@@ -20,7 +21,7 @@ def run_summary(run_dir: Path) -> Summary:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: nothing was trained there yet")
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    records = read_jsonl(path)
     evals = [r for r in records if r.get("eval")]
     if not evals:
         raise ValueError(f"{path}: no evaluated round yet")
