@@ -28,7 +28,7 @@ from feddpa.core.config import load_config
 from feddpa.core.evaluation import chunks
 from feddpa.core.models import build_task_model
 from feddpa.core.records import Example
-from feddpa.core.storage import latest_checkpoint, load_adapter
+from feddpa.core.storage import client_dir, latest_checkpoint, load_adapter
 from feddpa.core.weighting import cosine_matrix, knn_scores
 from feddpa.datasets import read_manifest, read_shard, read_test
 
@@ -96,7 +96,7 @@ def main() -> None:
     model = build_task_model(cfg.model, cfg.lora, cfg.eval)
     per_client = {}
     for info in tqdm(manifest.clients, desc="clients"):
-        cdir = checkpoint / "clients" / f"client_{info.client_id:05d}"
+        cdir = client_dir(checkpoint, info.client_id)
         load_adapter_state(model.peft, LOCAL, load_adapter(cdir / "local"))
         data = read_shard(data_dir, info)
         per_client[str(info.client_id)] = client_aucs(model, data, test, set(info.tasks))

@@ -39,7 +39,7 @@ from feddpa.orchestrator.reevaluate import RunEvaluator  # noqa: E402
 from feddpa.orchestrator.report import markdown_table, run_summary, write_report  # noqa: E402
 
 DATASET1 = Path(__file__).resolve().parents[2] / "shared/data/feddpa/dataset1"  # read by path
-GATE = {"mode": "gate", "gate_quantile": 0.05, "gate_width": 0.25}  # our default
+GATE = {"mode": "gate", "gate_quantile": 0.05, "gate_width": 1.0}  # our default (held-out choice)
 DEFAULT_WEIGHTING = GATE  # without the ablation (--no-ablation), and for Local/Centralized
 TRAIN_CAP = 100  # the full profile's training items per client (dataset 1 has 300 per client)
 MC_TASKS = ["definite_pronoun_resolution", "snli", "cola", "glue_qqp", "trec", "wic"]
@@ -262,7 +262,10 @@ def weighting_variants() -> list[tuple[str, dict]]:
             gate = {"mode": "gate", "gate_quantile": q, "gate_width": width}
             out.append((f"gate q={q} width={width}", gate))
     out.append(
-        ("gate q=0.05 width=0.25 in [0.1, 0.9]", {**GATE, "gate_floor": 0.1, "gate_ceiling": 0.9})
+        (
+            "gate q=0.05 width=0.25 in [0.1, 0.9]",
+            {**GATE, "gate_width": 0.25, "gate_floor": 0.1, "gate_ceiling": 0.9},
+        )
     )
     out += [("global adapter alone", {"mode": "global_only"})]
     out += [("local adapter alone", {"mode": "local_only"})]

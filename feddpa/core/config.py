@@ -113,7 +113,7 @@ class WeightingConfig(_Frozen):
         0.05, gt=0, lt=0.5, description="'gate': threshold = this quantile of the bank's own scores"
     )
     gate_width: float = Field(
-        0.25, gt=0, description="'gate': sigmoid width as a fraction of (median − threshold)"
+        1.0, gt=0, description="'gate': sigmoid width as a fraction of (median − threshold)"
     )
     gate_floor: float = Field(0.0, ge=0, le=1, description="'gate': least local weight")
     gate_ceiling: float = Field(1.0, ge=0, le=1, description="'gate': most local weight")

@@ -14,6 +14,7 @@ from pathlib import Path
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from feddpa.core.storage import latest_checkpoint
 from feddpa.serving.app import AppState, Limits, build_app
 from feddpa.serving.auth import TokenStore
 from feddpa.serving.batcher import Batcher
@@ -82,7 +83,7 @@ class Ingress:
 
 def build_application(options: ServeOptions):
     """The bound Serve application for `serve.run`."""
-    if not (Path(options.run_dir) / "checkpoints" / "LATEST").is_file():
+    if latest_checkpoint(Path(options.run_dir) / "checkpoints") is None:
         raise FileNotFoundError(f"{options.run_dir}: no committed training round to serve")
     personalizer = serve.deployment(
         num_replicas=options.replicas,

@@ -30,7 +30,7 @@ from feddpa.core.evaluation import ClientWeighting, query_representations
 from feddpa.core.models import build_task_model
 from feddpa.core.records import Example
 from feddpa.core.stack import LocalStack
-from feddpa.core.storage import latest_checkpoint, load_adapter, load_bank
+from feddpa.core.storage import client_dir, latest_checkpoint, load_adapter, load_bank
 from feddpa.core.weighting import ClientBank, mix_rows, needs_bank
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class ServingEngine:
             if cid not in self.clients:
                 raise UnknownClient(cid)
             start = time.perf_counter()
-            cdir = self.checkpoint / "clients" / f"client_{cid:05d}"
+            cdir = client_dir(self.checkpoint, cid)
             index = (
                 self.stack.put(load_adapter(cdir / "local"), owner=str(cdir / "local"))
                 if (cdir / "local").is_dir()

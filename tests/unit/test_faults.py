@@ -272,6 +272,7 @@ def test_a_second_writer_is_refused_and_nothing_is_touched(small_cfg, tiny_llama
     cfg = two_round_cfg(small_cfg, tiny_llama_dir, method="fedit", federation={"rounds": 1})
     run_dir = tmp_path / "run"
     loop.train(cfg, run_dir, InProcessExecutor)
+
     def contents() -> dict:  # every file but the log the refused command appends to
         files = (p for p in run_dir.rglob("*") if p.is_file() and p.name != "train.log")
         return {p.relative_to(run_dir): p.read_bytes() for p in files if p.name != ".lock"}

@@ -272,11 +272,14 @@ def test_gate_leans_local_on_own_inputs_global_on_others():
     bank_rows = a_center + 0.3 * torch.randn(40, 16, generator=g)
     own = a_center + 0.3 * torch.randn(10, 16, generator=g)
     other = b_center + 0.3 * torch.randn(10, 16, generator=g)
-    mix = instance_mix(torch.cat([own, other]), ClientBank.build(bank_rows, 5), cfg(mode="gate"))
+    sharp = cfg(mode="gate", gate_width=0.25)
+    mix = instance_mix(torch.cat([own, other]), ClientBank.build(bank_rows, 5), sharp)
     # τ is the 5th percentile of the bank's own scores, so about 1 in 20 own inputs falls below it
     assert float((mix.local_w[:10] > 0.5).float().mean()) >= 0.8
     assert float(mix.local_w[:10].median()) > 0.9 and float(mix.local_w[10:].max()) < 0.1
     close(mix.global_w + mix.local_w, [1.0] * 20)
+    soft = instance_mix(torch.cat([own, other]), ClientBank.build(bank_rows, 5), cfg(mode="gate"))
+    assert float(soft.local_w[:10].median()) > 0.5 > float(soft.local_w[10:].max())
 
 
 # --- mix_rows: one batch, many clients ---------------------------------------------------------------
