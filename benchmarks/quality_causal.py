@@ -39,10 +39,20 @@ RUNS = ["feddpa_t", "feddpa_f", "local", "centralized"]
 ROWS = ["fedit", "feddpa_t", "feddpa_f", "local", "centralized"]
 
 
-def config(method: str, seed: int, dataset1: Path) -> dict:
+def config(method: str, args: argparse.Namespace) -> dict:
+    """configs/smollm2_dataset1.yaml for `method`, with the command line's smaller budget."""
     raw = yaml.safe_load(CONFIG.read_text())
-    raw.update(method=method, seed=seed, name="causal")
-    raw["data"] = {**raw["data"], "path": str(dataset1), "seed": seed}
+    raw.update(method=method, seed=args.seed, name="causal")
+    raw["data"] = {**raw["data"], "path": str(args.dataset1.resolve()), "seed": args.seed}
+    sizes = {
+        ("data", "max_train_per_client"): args.train_per_client,
+        ("federation", "rounds"): args.rounds,
+        ("eval", "max_test_per_task"): args.test_per_task,
+        ("eval", "max_new_tokens"): args.max_new_tokens,
+    }
+    for (section, key), value in sizes.items():
+        if value is not None:
+            raw[section] = {**raw[section], key: value}
     return raw
 
 
@@ -108,7 +118,8 @@ def render(result: dict) -> str:
         "# Quality on a real LLM: SmolLM2-135M-Instruct, dataset 1, all eight tasks, ROUGE-1",
         "",
         f"Command: `{result['command']}` ({result['wall_s'] / 60:.0f} min). Setting: "
-        f"`configs/smollm2_dataset1.yaml`, seed {result['seed']}; weighting "
+        f"`configs/smollm2_dataset1.yaml` with `{json.dumps(result['budget'])}`, seed "
+        f"{result['seed']}; weighting "
         f"`{json.dumps(result['weighting'])}`.",
         "",
         *table1(records, tasks),
@@ -140,9 +151,14 @@ def main() -> int:
     ap.add_argument("--dataset1", type=Path, default=DATASET1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--work", type=Path, default=Path("runs/quality-causal"))
+    budget = "(default: the config's)"
+    ap.add_argument("--train-per-client", type=int, help=f"training items per client {budget}")
+    ap.add_argument("--rounds", type=int, help=f"federated rounds {budget}")
+    ap.add_argument("--test-per-task", type=int, help=f"test items per task {budget}")
+    ap.add_argument("--max-new-tokens", type=int, help=f"generated tokens per item {budget}")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    raws = {m: config(m, args.seed, args.dataset1.resolve()) for m in RUNS}
+    raws = {m: config(m, args) for m in RUNS}
     with ProcessPoolExecutor(args.jobs, get_context("spawn"), init_worker, (args.jobs,)) as pool:
         futures = {m: pool.submit(run_method, args.work, raw) for m, raw in raws.items()}
         runs = {m: f.result() for m, f in futures.items()}
@@ -150,6 +166,12 @@ def main() -> int:
     result = {
         "command": "python " + " ".join(sys.argv),
         "seed": args.seed,
+        "budget": {
+            "max_train_per_client": raws["local"]["data"]["max_train_per_client"],
+            "rounds": raws["local"]["federation"]["rounds"],
+            "max_test_per_task": raws["local"]["eval"]["max_test_per_task"],
+            "max_new_tokens": raws["local"]["eval"]["max_new_tokens"],
+        },
         "weighting": raws["feddpa_t"]["weighting"],
         "records": finals(runs),
         "extra": extra_measures(runs),

@@ -4,6 +4,7 @@ evaluation, and a round timeout (its actor killed, so a late client writes nothi
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -22,11 +23,32 @@ class KillBeforeEvaluation(RayExecutor):
 
     def evaluate(self, step, client_ids, global_state, weighting):
         if step == 1:
-            import ray
-
-            ray.kill(self.actors[0], no_restart=False)
-            self.suspects.add(0)  # dispatch waits until Ray has restarted it
+            restart(self.actors[0])
         yield from super().evaluate(step, client_ids, global_state, weighting)
+
+
+def pid_of(actor) -> int | None:
+    import ray
+
+    try:
+        return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    except ray.exceptions.RayError:
+        return None  # dead or restarting
+
+
+def restart(actor) -> None:
+    """Kill the actor and wait until Ray has restarted it (a new process answers)."""
+    import ray
+
+    old = pid_of(actor)
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        new = pid_of(actor)
+        if new is not None and new != old:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the killed client actor did not come back within 120 s")
 
 
 def records(run) -> list[dict]:
