@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: setup run test lint typecheck unit clean
+.PHONY: setup run test test-fast lint typecheck clean
 
 DS_OPS := $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/deepspeed_shm_comm.so
 
@@ -44,6 +44,10 @@ typecheck: setup
 
 test: lint typecheck
 	$(BIN)/pytest -q tests
+
+# The fast tier while developing: unit tests without Ray and without the slow real-model test
+test-fast: setup
+	$(BIN)/pytest -q tests/unit -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
