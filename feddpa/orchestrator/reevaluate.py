@@ -38,6 +38,10 @@ class RunEvaluator:
                 raise ValueError(f"--set {text!r}: eval can only change {', '.join(ALLOWED)}")
         origin = str(self.run_dir / "config.yaml")
         cfg = build_config(apply_overrides(self.cfg.to_dict(), overrides), origin)
+        # generation settings live in the loaded model (causal LMs): apply this call's eval.*
+        model = self.executor.host.model
+        if hasattr(model, "eval_cfg"):
+            model.eval_cfg = cfg.eval
         return evaluate(self.executor, cfg, self.manifest, self.test, self.step, self.global_state)
 
 
