@@ -267,6 +267,7 @@ def weighting_variants() -> list[tuple[str, dict]]:
             {**GATE, "gate_width": 0.25, "gate_floor": 0.1, "gate_ceiling": 0.9},
         )
     )
+    out.append(("gate q=0.05 width=1.0 token embeddings", {**GATE, "representation": "embedding"}))
     out += [("global adapter alone", {"mode": "global_only"})]
     out += [("local adapter alone", {"mode": "local_only"})]
     return out
