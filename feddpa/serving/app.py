@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
@@ -103,6 +104,14 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         version="0.1.0",
         description="Per-client personalized inference (FedDPA dual adapters)",
     )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field, without echoing the input: a body may hold text that cannot
+        be encoded in a response (a lone surrogate; FastAPI's default handler then fails with
+        500), and echoing it only repeats what the client sent."""
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     def token_scope(creds: HTTPAuthorizationCredentials | None) -> int | None:
         """The one client a bearer token opens; None when it opens all (admin, or auth off)."""

@@ -70,11 +70,28 @@ class Batcher(Generic[Q, R]):
             self.sizes[len(live)] += 1
             try:
                 results = await asyncio.to_thread(self.run_batch, [req for req, _ in live])
-            except Exception as err:  # the whole batch fails alike, as with serve.batch
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(err)
+            except Exception as err:
+                if len(live) == 1:
+                    self._settle(live[0][1], err)
+                    continue
+                # one bad request must not fail the others (nor hand them its error, which may
+                # carry its text): each member runs again alone and gets its own outcome
+                for req, fut in live:
+                    try:
+                        (result,) = await asyncio.to_thread(self.run_batch, [req])
+                    except Exception as alone:
+                        self._settle(fut, alone)
+                    else:
+                        self._settle(fut, result)
                 continue
             for (_, fut), result in zip(live, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+                self._settle(fut, result)
+
+    @staticmethod
+    def _settle(fut: asyncio.Future, outcome: object) -> None:
+        if fut.done():  # the caller went away
+            return
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)

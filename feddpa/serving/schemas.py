@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-Mode = Literal["sample", "bank", "fixed", "global_only", "local_only"]
+from feddpa.core.config import WeightMode as Mode
+
+
+def _encodable(text: str) -> str:
+    """JSON can carry lone surrogates; pydantic's parser refuses some (a high one in a plain
+    field) but lets others through (a low one inside a list), and a tokenizer then fails inside a
+    batch shared with other requests. Refuse them here, as a 422 naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"text that cannot be encoded as unicode UTF-8 at position {err.start} "
+            "(a lone surrogate)"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Body(BaseModel):
@@ -14,10 +31,10 @@ class _Body(BaseModel):
 
 
 class PredictRequest(_Body):
-    instruction: str = Field(
+    instruction: Text = Field(
         ..., min_length=1, description="the input; may end with an OPTIONS: block"
     )
-    options: list[str] | None = Field(
+    options: list[Text] | None = Field(
         None, min_length=2, description="answer options (else parsed from the OPTIONS: block)"
     )
     weighting: Mode | None = Field(None, description="override the run's weighting mode")
@@ -38,7 +55,7 @@ class PredictResponse(BaseModel):
 
 
 class GenerateRequest(_Body):
-    prompt: str = Field(..., min_length=1)
+    prompt: Text = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=4096)
     weighting: Mode | None = None
 
@@ -64,7 +81,7 @@ class ClientsResponse(BaseModel):
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # sampling knobs of OpenAI clients are accepted
     model: str = Field(..., min_length=1, description="the client id, e.g. 'client-3' or '3'")
-    prompt: str = Field(..., min_length=1)
+    prompt: Text = Field(..., min_length=1)
     max_tokens: int | None = Field(16, ge=1, le=4096)
     n: int = Field(1, ge=1, le=1)
     stream: Literal[False] = False
@@ -73,7 +90,7 @@ class CompletionRequest(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(BaseModel):

@@ -81,3 +81,27 @@ def test_the_batch_runs_off_the_event_loop():
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="max_batch_size"):
         Batcher(lambda b: b, 0, 0.0)
+
+
+def test_one_bad_request_fails_alone_inside_a_batch():
+    """A batch that raises is run again member by member: only the culprit fails, with its own
+    error, and the others get their results (before, all of them got the culprit's exception)."""
+    calls: list[list[int]] = []
+
+    def run(batch: list[int]) -> list[int]:
+        calls.append(list(batch))
+        time.sleep(0.05)
+        if 13 in batch:
+            raise ValueError("bad item 13")
+        return [x * 10 for x in batch]
+
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.05)
+
+    async def main():
+        tasks = [asyncio.create_task(batcher.submit(i)) for i in (1, 13, 2)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    one, bad, two = asyncio.run(main())
+    assert (one, two) == (10, 20)
+    assert isinstance(bad, ValueError) and "13" in str(bad)
+    assert calls[0] == [1, 13, 2] and sorted(map(tuple, calls[1:])) == [(1,), (2,), (13,)]

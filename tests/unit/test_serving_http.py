@@ -150,6 +150,31 @@ def test_bad_bodies_are_422_naming_the_field(client, body, field):
     assert field in error_fields(r)
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"instruction": "x\ud800 " + PROMPT}, "instruction"),
+        ({"instruction": STEM, "options": ["yes", "n\udfffo"]}, "options"),
+    ],
+)
+def test_text_that_cannot_be_encoded_is_422_naming_the_field(client, body, field):
+    """A lone surrogate is valid JSON but not a string anyone can encode: a 422 naming the field
+    (FastAPI's default handler echoed the input and failed with 500 encoding it)."""
+    import json
+
+    raw = json.dumps(body)  # ASCII escapes: the request itself is valid JSON
+    headers = {"content-type": "application/json"}
+    r = client.post("/v1/clients/0/predict", content=raw, headers=headers)
+    assert r.status_code == 422, r.text
+    assert any(field in e["loc"] for e in r.json()["detail"]) and "unicode" in r.text
+    assert "Route this ticket" not in r.text  # the input is not echoed
+
+
+def test_the_gate_can_be_requested_by_name(client):
+    r = client.post("/v1/clients/2/predict", json={"instruction": PROMPT, "weighting": "gate"})
+    assert r.status_code == 200, r.text
+
+
 def test_predict_without_options_is_422(client):
     r = client.post("/v1/clients/0/predict", json={"instruction": STEM})
     assert r.status_code == 422 and "OPTIONS" in r.json()["detail"]
