@@ -43,15 +43,6 @@ def finished_runs(work: Path, holdout: bool) -> dict[tuple[str, str], list[Path]
     return out
 
 
-def as_trained(run: Path) -> dict:
-    """The run's own final P/TTP (a held-out run is evaluated only by this script and the
-    ablation: its as-trained figure is its configured weighting, evaluated now)."""
-    try:
-        return run_summary(run)["final"]["avg"]
-    except ValueError:
-        return RunEvaluator(run).evaluate([])["avg"]
-
-
 def mean_std(values: list[float]) -> str:
     return f"{pct(statistics.mean(values))} ± {pct(statistics.pstdev(values))}"
 
@@ -69,7 +60,7 @@ def main() -> int:
     t0 = time.perf_counter()
     rows = []
     for (bench, method), runs in finished_runs(args.work, args.holdout).items():
-        trained = [as_trained(r) for r in runs]
+        trained = [run_summary(r)["final"]["avg"] for r in runs]
         again = [RunEvaluator(r).evaluate(args.sets)["avg"] for r in runs]
         rows.append({"bench": bench, "method": method, "runs": [r.name for r in runs],
                      "as_trained": trained, "reevaluated": again})  # fmt: skip

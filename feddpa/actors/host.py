@@ -110,9 +110,10 @@ class ClientHost:
         state = self.clients[cid]
         if cid not in self.stale or self.checkpoints is None:
             return state
+        staged = None if step is None else client_dir(stage_dir(self.checkpoints, step), cid)
         source = None
-        if step is not None and client_dir(stage_dir(self.checkpoints, step), cid).is_dir():
-            source = client_dir(stage_dir(self.checkpoints, step), cid)
+        if staged is not None and staged.is_dir():
+            source = staged
         elif (latest := latest_checkpoint(self.checkpoints)) is not None:
             source = client_dir(latest, cid)
         local = bank = None
@@ -220,8 +221,10 @@ class ClientHost:
         state = self._current(cid, step)
         has_local = state.local is not None
         self._load(global_state, cid)
-        stale = state.bank is not None and state.bank.representation != weighting.representation
-        if has_local and needs_bank(weighting) and (state.bank is None or stale):
+        other_kind = (
+            state.bank is not None and state.bank.representation != weighting.representation
+        )
+        if has_local and needs_bank(weighting) and (state.bank is None or other_kind):
             state.bank = self._bank(cid, weighting)
         client = ClientWeighting(cid, state.bank, has_local)
         return score_items(

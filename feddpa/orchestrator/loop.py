@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,6 @@ from feddpa.core.storage import (
     EXECUTION_FILE,
     LOCK_FILE,
     atomic_write_bytes,
-    client_dir,
     read_jsonl,
     run_lock,
 )
@@ -66,26 +64,29 @@ def evaluate(
 ) -> dict:
     weighting = step_weighting(cfg, step)
     ids = manifest.client_ids
-    shared: ItemScores | None = None
+    alone_scores: ItemScores | None = None  # the global adapter alone, beside the mix
     if weighting.mode == "global_only":  # one evaluation serves every client
-        shared = executor.evaluate_global(global_state)
-        items: dict[int, ItemScores] = dict.fromkeys(ids, shared)
+        items: dict[int, ItemScores] = dict.fromkeys(ids, executor.evaluate_global(global_state))
     else:
         items = dict(executor.evaluate(step, ids, global_state, weighting))
         if cfg.method == "feddpa_t":
-            shared = executor.evaluate_global(global_state)
+            alone_scores = executor.evaluate_global(global_state)
     clients = {
         str(cid): {"tasks": sorted(c.tasks), **summarize(test, items[cid], set(c.tasks))}
         for cid, c in zip(ids, manifest.clients, strict=True)
         if cid in items  # a client whose actor failed during evaluation is left out
     }
     record = {"weighting": weighting.mode, "avg": average(clients), "clients": clients}
-    if weighting.mode != "global_only" and shared is not None:
+    if alone_scores is not None:
         # FedDPA-T's global trajectory is FedIT's: FedIT's P/TTP read from this very run
         alone = {
             cid: {
                 "tasks": c["tasks"],
-                **{k: v for k, v in summarize(test, shared, set(c["tasks"])).items() if k in PT},
+                **{
+                    k: v
+                    for k, v in summarize(test, alone_scores, set(c["tasks"])).items()
+                    if k in PT
+                },
             }
             for cid, c in clients.items()
         }
@@ -226,7 +227,11 @@ def run_step(
         t = time.perf_counter()
         update = FlatState.of(res.global_state)
         if not bool(torch.isfinite(update.data).all()):
-            reject_update(step, res.client_id, stage)
+            # left out of the average and of `reported`: its staged files are dropped below and
+            # the commit carries its previous round forward
+            log.error(
+                "round %d client %d: NaN/inf update, its previous round kept", step, res.client_id
+            )
             executor.discard([res.client_id])
             avg.skip(res.client_id)
             rejected.append(res.client_id)
@@ -287,18 +292,6 @@ def run_step(
             "round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"]
         )
     return global_state, evaluation
-
-
-def reject_update(step: int, client_id: int, stage: Path) -> None:
-    """A client whose global update holds NaN/inf: left out of the average, and its staged local
-    files dropped, so the commit carries the client's previous round forward."""
-    log.error(
-        "round %d client %d: its update has NaN/inf values; left out of the average, "
-        "its previous round kept",
-        step,
-        client_id,
-    )
-    shutil.rmtree(client_dir(stage, client_id), ignore_errors=True)
 
 
 def run_manifest(run_dir: Path) -> Manifest:
