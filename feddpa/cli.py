@@ -141,9 +141,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from feddpa.orchestrator.driver import init_ray
-    from feddpa.serving.app import Limits
     from feddpa.serving.deployment import ServeOptions, start
+    from feddpa.serving.limits import Limits
 
     run_dir = Path(args.run_dir).resolve()
     options = ServeOptions(
@@ -153,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         gpus_per_replica=args.gpus_per_replica,
         max_batch_size=args.max_batch_size,
         tokens=str(Path(args.tokens).resolve()) if args.tokens else None,
-        limits=Limits(max_queue=args.max_queue),
+        limits=Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)}),
     )
     setup_logging(None, args.verbose)
     if options.tokens is None:
@@ -190,6 +192,22 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 def add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
+def add_limits(parser: argparse.ArgumentParser) -> None:
+    """One flag per serving limit (`--max-options`, ...), default and help from `Limits`."""
+    from dataclasses import fields
+
+    from feddpa.serving.limits import Limits
+
+    for f in fields(Limits):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=type(f.default),
+            default=f.default,
+            metavar="N",
+            help=f"{f.metadata['doc']} (default {f.default})",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="for runs trained on GPU")
     p.add_argument("--capacity", type=int, default=128, help="clients resident per replica (LRU)")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--max-queue", type=int, default=256, help="in-flight requests before 503")
+    add_limits(p)
     p.add_argument("--ray", default="local", metavar="local|auto|ADDRESS")
     p.set_defaults(func=cmd_serve)
 

@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -31,7 +31,11 @@ from feddpa.core.records import Example, format_options, parse_options
 from feddpa.serving import schemas as s
 from feddpa.serving.auth import TokenStore
 from feddpa.serving.engine import Request as EngineRequest
-from feddpa.serving.engine import Result, ServingEngine, UnknownClient
+from feddpa.serving.engine import Result, ServingEngine, TooLarge, UnknownClient
+from feddpa.serving.guard import Guard
+from feddpa.serving.limits import Limits, check_options, check_text, new_tokens
+
+__all__ = ["AppState", "Backend", "Limits", "LocalBackend", "build_app"]
 
 
 class Backend(Protocol):
@@ -47,17 +51,11 @@ class LocalBackend:
         self.engine = engine
 
     async def run(self, req: EngineRequest) -> Result:
+        await asyncio.to_thread(self.engine.validate, req)  # as the Serve replica does
         return (await asyncio.to_thread(self.engine.run_batch, [req]))[0]
 
     async def describe(self) -> dict:
         return self.engine.describe()
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_chars: int = 8000
-    max_queue: int = 256
-    retry_after_s: int = 1
 
 
 class Metrics:
@@ -72,7 +70,7 @@ class Metrics:
 
 
 ERROR_RESPONSES: dict[int | str, dict] = {
-    code: {"model": s.ErrorBody} for code in (401, 403, 404, 413, 503)
+    code: {"model": s.ErrorBody} for code in (401, 403, 404, 413, 429, 503, 504)
 }
 bearer = HTTPBearer(auto_error=False)
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -104,6 +102,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         version="0.1.0",
         description="Per-client personalized inference (FedDPA dual adapters)",
     )
+    app.add_middleware(Guard, state=state)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,11 +142,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
     async def execute(request: Request, route: str, req: EngineRequest) -> Result:
         limits: Limits = state().limits
         metrics: Metrics = state().metrics
-        if len(req.example.instruction) > limits.max_prompt_chars:
-            raise HTTPException(
-                413,
-                f"prompt has {len(req.example.instruction)} characters; the limit is {limits.max_prompt_chars}",
-            )
+        req = replace(req, max_prompt_tokens=limits.max_prompt_tokens, max_beams=limits.max_beams)
         if state().inflight >= limits.max_queue:
             raise HTTPException(
                 503, "overloaded, retry later", headers={"Retry-After": str(limits.retry_after_s)}
@@ -158,6 +153,8 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             return await state().backend.run(req)
         except UnknownClient as err:
             raise HTTPException(404, f"unknown client {err.args[0]}") from None
+        except TooLarge as err:
+            raise HTTPException(413, str(err)) from None
         except ValueError as err:
             raise HTTPException(422, str(err)) from None
         finally:
@@ -168,11 +165,13 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         return s.Weights(global_adapter=r.global_weight, local_adapter=r.local_weight)
 
     def mc_example(instruction: str, options: list[str] | None) -> Example:
+        limits: Limits = state().limits
         opts = options or list(parse_options(instruction))
         if len(opts) < 2:
             raise HTTPException(
                 422, "give 'options' (two or more) or end the instruction with an OPTIONS: block"
             )
+        check_options(opts, limits)
         text = format_options(instruction, opts) if options else instruction
         return Example(text, opts[0], "request")
 
@@ -219,6 +218,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
     ) -> s.PredictResponse:
         await authorize(request, client_id, creds)
         await known(request, client_id)
+        check_text("instruction", body.instruction, state().limits.max_prompt_chars)
         example = mc_example(body.instruction, body.options)
         r = await execute(
             request, "predict", EngineRequest(client_id, example, "predict", body.weighting)
@@ -247,12 +247,13 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         info = await known(request, client_id)
         if info["kind"] != "causal_lm":
             raise HTTPException(422, "this run's model is multiple_choice: use /predict")
+        check_text("prompt", body.prompt, state().limits.max_prompt_chars)
         req = EngineRequest(
             client_id,
             Example(body.prompt, "", "request"),
             "generate",
             body.weighting,
-            body.max_tokens,
+            new_tokens(body.max_tokens, state().limits),
         )
         r = await execute(request, "generate", req)
         return s.GenerateResponse(
@@ -260,13 +261,16 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         )
 
     async def complete(
-        request: Request, model: str, prompt: str, max_tokens: int | None, creds
+        request: Request, model: str, prompt: str, max_tokens: int | None, creds, what: str
     ) -> tuple[int, str, Result]:
+        """A completion of `prompt` (the body field `what`) by the client named `model`."""
         cid = parse_client(model)
         await authorize(request, cid, creds)
         info = await known(request, cid)
+        check_text(what, prompt, state().limits.max_prompt_chars)
         if info["kind"] == "causal_lm":
-            req = EngineRequest(cid, Example(prompt, "", "request"), "generate", None, max_tokens)
+            limit = new_tokens(max_tokens, state().limits)
+            req = EngineRequest(cid, Example(prompt, "", "request"), "generate", None, limit)
             r = await execute(request, "completions", req)
             return cid, r.text, r
         example = mc_example(prompt, None)
@@ -296,7 +300,9 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         request: Request,
         creds: Creds,
     ) -> JSONResponse:
-        _, text, _ = await complete(request, body.model, body.prompt, body.max_tokens, creds)
+        _, text, _ = await complete(
+            request, body.model, body.prompt, body.max_tokens, creds, "prompt"
+        )
         return JSONResponse(openai_body("cmpl", body.model, body.prompt, text, chat=False))
 
     @app.post("/v1/chat/completions")
@@ -305,13 +311,24 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         request: Request,
         creds: Creds,
     ) -> JSONResponse:
+        if len(body.messages) > state().limits.max_messages:
+            raise HTTPException(
+                413,
+                f"messages has {len(body.messages)} entries; "
+                f"the limit is {state().limits.max_messages}",
+            )
         prompt = "\n\n".join(
             m.content for m in body.messages if m.role in ("system", "developer", "user")
         )
         if not prompt.strip():
             raise HTTPException(422, "messages: at least one non-empty user message is required")
         _, text, _ = await complete(
-            request, body.model, prompt, body.max_completion_tokens or body.max_tokens, creds
+            request,
+            body.model,
+            prompt,
+            body.max_completion_tokens or body.max_tokens,
+            creds,
+            "messages",
         )
         return JSONResponse(openai_body("chatcmpl", body.model, prompt, text, chat=True))
 

@@ -40,6 +40,10 @@ class UnknownClient(KeyError):
     pass
 
 
+class TooLarge(ValueError):
+    """A request over one of the serving limits (413)."""
+
+
 @dataclass
 class ClientSlot:
     client_id: int
@@ -62,7 +66,9 @@ class Request:
     example: Example
     task: str = "predict"  # or "generate"
     mode: WeightMode | None = None  # weighting override; None = the run's method default
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = None  # decoding bound; None = the run's eval.max_new_tokens
+    max_prompt_tokens: int | None = None  # refuse longer prompts (TooLarge); None = no limit
+    max_beams: int | None = None  # cap on the run's eval.num_beams; None = no cap
 
 
 @dataclass
@@ -202,6 +208,11 @@ class ServingEngine:
             )
         if req.task == "predict" and len(req.example.options) < 2:
             raise ValueError("predict needs two or more OPTIONS")
+        if req.max_prompt_tokens is not None:
+            text = self.model.query_text(req.example)
+            count = len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if count > req.max_prompt_tokens:
+                raise TooLarge(f"prompt has {count} tokens; the limit is {req.max_prompt_tokens}")
 
     def run_batch(self, requests: list[Request]) -> list[Result]:
         """Serve a batch of (possibly) many clients' requests in one pass."""
@@ -234,13 +245,26 @@ class ServingEngine:
                 raise ValueError(
                     "this run's model is multiple_choice: it scores OPTIONS, it does not generate"
                 )
-            texts = gen_fn(
-                [requests[i].example for i in generate], mix.rows(torch.tensor(generate))
-            )
-            for i, text in zip(generate, texts, strict=True):
-                limit = requests[i].max_new_tokens
-                if limit is not None:
-                    ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
-                    text = self.model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                results[i].text = text
+            for (tokens, beams), rows in self._decoding_groups(requests, generate).items():
+                texts = gen_fn(
+                    [requests[i].example for i in rows],
+                    mix.rows(torch.tensor(rows)),
+                    max_new_tokens=tokens,
+                    num_beams=beams,
+                )
+                for i, text in zip(rows, texts, strict=True):
+                    results[i].text = text
         return results
+
+    def _decoding_groups(
+        self, requests: list[Request], rows: list[int]
+    ) -> dict[tuple[int, int], list[int]]:
+        """Rows by (max new tokens, beams): each group decodes only as far as it asked."""
+        evaluation = self.cfg.eval
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in rows:
+            req = requests[i]
+            tokens = req.max_new_tokens or evaluation.max_new_tokens
+            beams = min(evaluation.num_beams, req.max_beams or evaluation.num_beams)
+            groups.setdefault((tokens, beams), []).append(i)
+        return groups

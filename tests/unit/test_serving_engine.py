@@ -234,13 +234,55 @@ def test_causal_option_scores_equal_in_process(causal):
         assert got.global_weight == pytest.approx(global_w, abs=1e-6)
 
 
-def test_generate_max_new_tokens_truncates(causal):
+def test_generate_max_new_tokens_decodes_a_prefix(causal):
     engine, _ = causal
     ex = Example(PROMPTS[1], "", "request")
     full = serve_one(engine, Request(0, ex, "generate"))
     short = serve_one(engine, Request(0, ex, "generate", None, 1))
-    ids = engine.model.tokenizer(short.text, add_special_tokens=False)["input_ids"]
-    assert len(ids) <= 1 and full.text.startswith(short.text)
+    assert full.text.startswith(short.text)  # greedy: one token is the start of four
+
+
+def test_max_tokens_and_beams_bound_the_decoding_itself(causal, monkeypatch):
+    """`max_tokens` reaches generation as max_new_tokens (it was the run's eval.max_new_tokens,
+    cut afterwards) and the beams are capped; rows with different bounds decode apart."""
+    engine, _ = causal
+    calls: list[dict] = []
+    real = engine.model.peft.generate
+
+    def spy(**kwargs):
+        calls.append({k: kwargs[k] for k in ("max_new_tokens", "num_beams")})
+        return real(**kwargs)
+
+    monkeypatch.setattr(engine.model.peft, "generate", spy)
+    evaluation = engine.cfg.eval.model_copy(update={"num_beams": 3})
+    monkeypatch.setattr(engine, "cfg", engine.cfg.model_copy(update={"eval": evaluation}))
+    ex = Example(PROMPTS[1], "", "request")
+    engine.run_batch(
+        [
+            Request(0, ex, "generate", None, 2, max_beams=2),
+            Request(1, ex, "generate", None, 1, max_beams=8),
+            Request(1, ex, "generate", None, None, max_beams=2),
+        ]
+    )
+    assert sorted(map(str, calls)) == sorted(
+        map(
+            str,
+            [
+                {"max_new_tokens": 2, "num_beams": 2},
+                {"max_new_tokens": 1, "num_beams": 3},
+                {"max_new_tokens": 4, "num_beams": 2},
+            ],
+        )
+    )
+
+
+def test_prompt_tokens_over_the_limit_are_refused(engine, client_items):
+    from feddpa.serving.engine import TooLarge
+
+    ex = client_items[0][0]
+    with pytest.raises(TooLarge, match="the limit is 2"):
+        engine.validate(Request(0, ex, "predict", max_prompt_tokens=2))
+    engine.validate(Request(0, ex, "predict", max_prompt_tokens=10_000))
 
 
 # --- LRU of client adapters -------------------------------------------------------------------------

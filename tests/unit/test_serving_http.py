@@ -204,8 +204,92 @@ def test_prompt_over_the_limit_is_413(engine):
         assert r.status_code == 413
 
 
+# --- limits: what one request may cost ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_body_over_the_limit_is_413_before_it_is_parsed(engine, chunked):
+    """Not JSON at all, yet 413: the size is refused before the body is parsed (a declared
+    Content-Length at once, a chunked body as it streams in)."""
+    junk = b"{" * 1000
+    content = iter([junk[:400], junk[400:]]) if chunked else junk
+    with make_client(engine, limits=Limits(max_body_bytes=300)) as c:
+        r = c.post("/v1/clients/0/predict", content=content)
+        assert r.status_code == 413, r.text
+        assert "300 bytes" in r.json()["detail"]
+        ok = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
+        assert ok.status_code == 200, ok.text
+
+
+def test_unauthenticated_requests_are_401_whatever_their_body(secured, token_file):
+    """Authentication comes before the body is read: a bad body without a valid token is a 401
+    (it was a 422 with schema details)."""
+    _, plain = token_file
+    for headers in ({}, bearer("nope"), {"Authorization": "Basic abc"}):
+        r = secured.post("/v1/clients/1/predict", content=b"{not json", headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+        r = secured.post("/v1/completions", json={"bad": 1}, headers=headers)
+        assert r.status_code == 401
+    r = secured.post("/v1/clients/1/predict", content=b"{", headers=bearer(plain["clients"]["1"]))
+    assert r.status_code == 422  # authenticated: now the body counts
+    assert secured.get("/healthz").status_code == 200  # public
+
+
+def test_metrics_need_the_admin_token_when_tokens_are_on(secured, token_file):
+    _, plain = token_file
+    assert secured.get("/metrics").status_code == 401
+    assert secured.get("/metrics", headers=bearer(plain["clients"]["0"])).status_code == 401
+    assert secured.get("/metrics", headers=bearer(plain["admin"])).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"instruction": STEM, "options": [f"option {i}" for i in range(5)]}, "options"),
+        ({"instruction": format_options(STEM, [f"o{i}" for i in range(5)])}, "options"),
+        ({"instruction": STEM, "options": ["yes", "n" * 21]}, "options[1]"),
+        ({"instruction": "x" * 101, "options": ["yes", "no"]}, "instruction"),
+    ],
+)
+def test_options_and_fields_over_the_limits_are_413_naming_them(engine, body, field):
+    limits = Limits(max_options=4, max_option_chars=20, max_prompt_chars=100)
+    with make_client(engine, limits=limits) as c:
+        r = c.post("/v1/clients/0/predict", json=body)
+        assert r.status_code == 413, r.text
+        assert r.json()["detail"].startswith(f"{field} has")
+
+
+def test_chat_messages_over_the_limit_are_413(engine):
+    with make_client(engine, limits=Limits(max_messages=2)) as c:
+        messages = [{"role": "user", "content": PROMPT}] * 3
+        r = c.post("/v1/chat/completions", json={"model": "client-0", "messages": messages})
+        assert r.status_code == 413 and "messages has 3" in r.json()["detail"]
+
+
+def test_prompt_tokens_over_the_limit_are_413(engine):
+    with make_client(engine, limits=Limits(max_prompt_tokens=5)) as c:
+        r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
+        assert r.status_code == 413 and "tokens; the limit is 5" in r.json()["detail"]
+
+
+def test_max_tokens_over_the_limit_is_422(causal):
+    with make_client(causal, limits=Limits(max_new_tokens=8)) as c:
+        r = c.post("/v1/clients/0/generate", json={"prompt": "Say hi", "max_tokens": 9})
+        assert r.status_code == 422 and "limit of 8" in r.json()["detail"]
+        r = c.post("/v1/completions", json={"model": "0", "prompt": "Hi", "max_tokens": 9})
+        assert r.status_code == 422
+        assert c.post("/v1/clients/0/generate", json={"prompt": "Hi", "max_tokens": 8}).is_success
+
+
+def test_bad_limits_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="max_options must be > 0"):
+        Limits(max_options=0)
+
+
 def test_full_queue_is_503_with_retry_after(engine):
-    with make_client(engine, limits=Limits(max_queue=0, retry_after_s=7)) as c:
+    state = AppState(LocalBackend(engine), None, Limits(max_queue=2, retry_after_s=7))
+    state.inflight = 2  # two requests already in flight
+    with TestClient(build_app(lambda: state)) as c:
         r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
         assert r.status_code == 503 and r.headers["retry-after"] == "7"
         assert c.get("/healthz").status_code == 200  # health does not queue

@@ -105,15 +105,22 @@ class CausalLMModel:
         )  # left padding: last = last prompt token
 
     @torch.no_grad()
-    def generate(self, examples: list[Example], mix: Mix) -> list[str]:
+    def generate(
+        self,
+        examples: list[Example],
+        mix: Mix,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+    ) -> list[str]:
+        """Beam search (the eval settings unless given) from each example's prompt."""
         batch = self._prompt_batch([prompt_for(e.instruction) for e in examples])
-        beams = self.eval_cfg.num_beams
+        beams = num_beams or self.eval_cfg.num_beams
         with mixed(self.peft, mix.rows(repeat=beams)):
             out = self.peft.generate(
                 **batch,
                 num_beams=beams,
                 do_sample=False,
-                max_new_tokens=self.eval_cfg.max_new_tokens,
+                max_new_tokens=max_new_tokens or self.eval_cfg.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         new = out[:, batch["input_ids"].shape[1] :]
