@@ -144,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from feddpa.orchestrator.driver import init_ray
+    from feddpa.serving.auth import TokenStore
     from feddpa.serving.deployment import ServeOptions, start
     from feddpa.serving.limits import Limits
 
@@ -158,7 +159,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)}),
     )
     setup_logging(None, args.verbose)
-    if options.tokens is None:
+    check_exposure(args.host, options.tokens, args.insecure_no_auth)
+    if options.tokens is not None:
+        TokenStore.load(options.tokens)  # a bad file fails here, naming itself, not per request
+    else:
         print(
             "feddpa: warning: no --tokens file, every client is open to anyone who can reach the port",
             file=sys.stderr,
@@ -174,6 +178,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         serve.shutdown()
     return 0
+
+
+def check_exposure(host: str, tokens: str | None, insecure: bool) -> None:
+    """Refuse to serve every client without authentication beyond this machine."""
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if not loopback and tokens is None and not insecure:
+        raise ValueError(
+            f"--host {host} exposes every client beyond this machine without authentication: "
+            "create tokens (feddpa tokens RUN_DIR --out tokens.json) and pass --tokens "
+            "tokens.json, bind 127.0.0.1, or pass --insecure-no-auth if the network is private"
+        )
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
@@ -259,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tokens", help="tokens file of hashes (feddpa tokens); without it auth is off")
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without --tokens (every client open to the network)",
+    )
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--gpus-per-replica", type=float, default=0.0, help="for runs trained on GPU")
     p.add_argument("--capacity", type=int, default=128, help="clients resident per replica (LRU)")

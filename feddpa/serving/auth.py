@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def digest(token: str) -> str:
@@ -27,18 +31,34 @@ class TokenStore:
 
     @classmethod
     def load(cls, path: str | Path) -> TokenStore:
+        """Read and check a tokens file: every problem is an error naming the file, at start-up,
+        never a failure per request."""
         try:
-            data = json.loads(Path(path).read_text())
-            clients = {int(k): str(v) for k, v in data.get("clients", {}).items()}
-            return cls(data.get("admin"), clients)
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"tokens file {path} not found (create it with feddpa tokens)"
+                f"tokens file {path} not found (create it with feddpa tokens RUN_DIR --out FILE)"
             ) from None
-        except (ValueError, AttributeError) as err:
+        except (ValueError, OSError) as err:
+            raise ValueError(f"tokens file {path}: not readable JSON ({err}); {REDO}") from None
+        if not isinstance(data, dict) or set(data) - {"admin", "clients"}:
+            raise ValueError(f"tokens file {path}: expected {SHAPE}; {REDO}")
+        admin = data.get("admin")
+        if admin is not None:
+            _check_hash(path, "admin", admin)
+        clients = data.get("clients", {})
+        if not isinstance(clients, dict):
             raise ValueError(
-                f"tokens file {path}: expected {{'admin': hash, 'clients': {{id: hash}}}} ({err})"
-            ) from None
+                f"tokens file {path}: 'clients' must be an object {{id: hash}}; {REDO}"
+            )
+        checked: dict[int, str] = {}
+        for key, value in clients.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                raise ValueError(f"tokens file {path}: client id {key!r} is not a number; {REDO}")
+            checked[int(key)] = _check_hash(path, f"clients.{key}", value)
+        if admin is None and not checked:
+            raise ValueError(f"tokens file {path} holds no token at all; {REDO}")
+        return cls(admin, checked)
 
     def is_admin(self, token: str) -> bool:
         return self.admin is not None and hmac.compare_digest(digest(token), self.admin)
@@ -51,14 +71,41 @@ class TokenStore:
         return None
 
 
+SHAPE = "{'admin': sha256 hex, 'clients': {'<id>': sha256 hex}}"
+REDO = "create a new file with feddpa tokens RUN_DIR --out FILE"
+
+
+def _check_hash(path: str | Path, key: str, value: object) -> str:
+    if not (isinstance(value, str) and SHA256_HEX.fullmatch(value)):
+        raise ValueError(
+            f"tokens file {path}: {key} is not a SHA-256 hash (64 lowercase hex digits); the "
+            f"file holds hashes, never the tokens themselves; {REDO}"
+        )
+    return value
+
+
 def create_tokens(client_ids: list[int], out: Path) -> dict:
-    """Write hashes to `out` (refusing to overwrite) and return the plaintext tokens."""
+    """Write hashes to `out` and return the plaintext tokens. The file is created with mode 0600
+    (never readable by others, whatever the umask) under a temporary name, then linked into
+    place: it appears complete or not at all, and an existing file is never overwritten."""
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new file (existing tokens stay valid)")
     admin = f"fdpa-admin-{secrets.token_urlsafe(24)}"
     per_client = {str(c): f"fdpa-c{c}-{secrets.token_urlsafe(24)}" for c in client_ids}
     plain = {"admin": admin, "clients": per_client}
     hashed = {"admin": digest(admin), "clients": {k: digest(v) for k, v in per_client.items()}}
-    out.write_text(json.dumps(hashed, indent=2))
-    out.chmod(0o600)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(hashed, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, out)  # unlike rename, fails if `out` appeared meanwhile
+    except FileExistsError:
+        raise FileExistsError(
+            f"{out} exists; choose a new file (existing tokens stay valid)"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return plain

@@ -82,12 +82,20 @@ def test_every_node_installs_the_project_with_pinned_torch(cluster, prepared):
         assert before, f"{key}: install torch before the project so its pin picks the build"
 
 
-def test_ray_auth_mode_is_the_same_everywhere(cluster):
+def test_ray_token_auth_is_on_everywhere_with_one_token(cluster):
     starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
     ray_starts = [c for c in starts if "ray start" in c]
     assert len(ray_starts) == 2
-    assert all("RAY_AUTH_MODE=disabled" in c for c in ray_starts)
-    assert "--env RAY_AUTH_MODE=disabled" in cluster["docker"]["run_options"]
+    assert all("RAY_AUTH_MODE=token" in c for c in ray_starts)
+    assert "--env RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
+    assert "disabled" not in " ".join(starts + cluster["docker"]["run_options"])
+    # the same token on every node: the file `ray get-auth-token --generate` writes locally
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_dashboard_listens_on_the_heads_loopback_only(cluster):
+    (head,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
 
 
 def test_shared_filesystem_is_mounted_into_every_container(cluster):

@@ -5,6 +5,8 @@ schemathesis over the app's own OpenAPI document."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -318,6 +320,69 @@ def test_tokens_file_holds_hashes_only_and_is_never_overwritten(token_file):
     with pytest.raises(FileExistsError, match=str(path)):
         create_tokens([0], path)
     assert path.read_text() == text
+
+
+def test_tokens_file_is_0600_from_the_start_and_never_replaced(tmp_path, monkeypatch):
+    """Created with mode 0600 (no chmod after a world-readable write) and linked into place, so a
+    file that appears meanwhile is never overwritten."""
+    monkeypatch.setattr(Path, "chmod", lambda *a, **k: None)  # the old write-then-chmod
+    old_umask = os.umask(0)
+    try:
+        path = tmp_path / "tokens.json"
+        create_tokens([0, 1], path)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    TokenStore.load(path)
+
+    raced = tmp_path / "raced.json"
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda p: False if p == raced else real_exists(p))
+    raced.write_text("someone else's")  # appears after the check
+    with pytest.raises(FileExistsError, match="raced.json exists"):
+        create_tokens([0], raced)
+    assert raced.read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raced.json", "tokens.json"]
+
+
+BAD_TOKEN_FILES = {
+    "not json": "{admin",
+    "a list": "[]",
+    "non-string hash": '{"admin": 12345, "clients": {}}',
+    "plaintext token": '{"admin": "fdpa-admin-abc", "clients": {}}',
+    "client id": '{"clients": {"three": "' + "a" * 64 + '"}}',
+    "clients not a map": '{"clients": ["' + "a" * 64 + '"]}',
+    "unknown key": '{"admins": "' + "a" * 64 + '"}',
+    "empty": "{}",
+}
+
+
+@pytest.mark.parametrize("text", BAD_TOKEN_FILES.values(), ids=list(BAD_TOKEN_FILES))
+def test_bad_tokens_files_are_refused_at_start_naming_the_file(tmp_path, text):
+    """Before, a non-string hash loaded fine and every request then failed with 500."""
+    path = tmp_path / "tokens.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"tokens file {path}.*feddpa tokens") as err:
+        TokenStore.load(path)
+    assert "Traceback" not in str(err.value)
+
+
+def test_serve_refuses_a_public_host_without_tokens(tmp_path, capsys):
+    from feddpa.cli import check_exposure, main
+
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0"]) == 2  # before Ray starts
+    assert "--insecure-no-auth" in capsys.readouterr().err
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_exposure(host, None, insecure=False)
+    for host in ("0.0.0.0", "::", "10.0.0.5", "my-host"):
+        with pytest.raises(ValueError, match=f"--host {host} exposes"):
+            check_exposure(host, None, insecure=False)
+        check_exposure(host, "tokens.json", insecure=False)
+        check_exposure(host, None, insecure=True)
+    bad = tmp_path / "tokens.json"
+    bad.write_text('{"admin": 1}')
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0", "--tokens", str(bad)]) == 2
+    assert f"tokens file {bad}" in capsys.readouterr().err
 
 
 def test_client_tokens_open_their_own_client_only(secured, token_file):
