@@ -102,7 +102,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         version="0.1.0",
         description="Per-client personalized inference (FedDPA dual adapters)",
     )
-    app.add_middleware(Guard, state=state)
+    app.add_middleware(Guard, state=state, routes=app.router.routes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -139,16 +139,14 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             raise HTTPException(404, f"unknown client {cid}: use an id from GET /v1/clients")
         return info
 
-    async def execute(request: Request, route: str, req: EngineRequest) -> Result:
+    async def execute(req: EngineRequest) -> Result:
         limits: Limits = state().limits
-        metrics: Metrics = state().metrics
         req = replace(req, max_prompt_tokens=limits.max_prompt_tokens, max_beams=limits.max_beams)
         if state().inflight >= limits.max_queue:
             raise HTTPException(
                 503, "overloaded, retry later", headers={"Retry-After": str(limits.retry_after_s)}
             )
         state().inflight += 1
-        start = time.perf_counter()
         try:
             return await state().backend.run(req)
         except UnknownClient as err:
@@ -159,7 +157,6 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             raise HTTPException(422, str(err)) from None
         finally:
             state().inflight -= 1
-            metrics.latency.labels(route).observe(time.perf_counter() - start)
 
     def weights(r: Result) -> s.Weights:
         return s.Weights(global_adapter=r.global_weight, local_adapter=r.local_weight)
@@ -174,14 +171,6 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         check_options(opts, limits)
         text = format_options(instruction, opts) if options else instruction
         return Example(text, opts[0], "request")
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        state().metrics.requests.labels(
-            request.url.path.split("/")[-1] or "/", str(response.status_code)
-        ).inc()
-        return response
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict:
@@ -220,9 +209,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         await known(request, client_id)
         check_text("instruction", body.instruction, state().limits.max_prompt_chars)
         example = mc_example(body.instruction, body.options)
-        r = await execute(
-            request, "predict", EngineRequest(client_id, example, "predict", body.weighting)
-        )
+        r = await execute(EngineRequest(client_id, example, "predict", body.weighting))
         return s.PredictResponse(
             client_id=client_id,
             choice=r.choice,
@@ -255,7 +242,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             body.weighting,
             new_tokens(body.max_tokens, state().limits),
         )
-        r = await execute(request, "generate", req)
+        r = await execute(req)
         return s.GenerateResponse(
             client_id=client_id, text=r.text, weights=weights(r), version=r.version
         )
@@ -271,10 +258,10 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         if info["kind"] == "causal_lm":
             limit = new_tokens(max_tokens, state().limits)
             req = EngineRequest(cid, Example(prompt, "", "request"), "generate", None, limit)
-            r = await execute(request, "completions", req)
+            r = await execute(req)
             return cid, r.text, r
         example = mc_example(prompt, None)
-        r = await execute(request, "completions", EngineRequest(cid, example, "predict"))
+        r = await execute(EngineRequest(cid, example, "predict"))
         return cid, r.choice, r
 
     def openai_body(kind: str, model: str, prompt: str, text: str, chat: bool) -> dict:

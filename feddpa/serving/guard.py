@@ -4,17 +4,21 @@
   (401 otherwise) — checked before the body is read, so an unauthenticated request never learns
   anything about the body it sent; `/metrics` needs the admin token;
 - body size: a declared `Content-Length` over `max_body_bytes` is refused (413) before a byte is
-  read, and a chunked body is counted as it streams in and refused the moment it passes the limit.
+  read, and a chunked body is counted as it streams in and refused the moment it passes the limit;
+- metrics: every request counted by its route *template* (`/v1/clients/{client_id}/predict`) and
+  status, a path that matches no route as "unmatched", so labels stay bounded whatever is sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -31,21 +35,50 @@ def bearer_token(headers: Headers) -> str | None:
     return credentials.strip()
 
 
+UNMATCHED = "unmatched"
+
+
+def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The template of the route `scope` goes to (method aside), or UNMATCHED."""
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return getattr(route, "path", UNMATCHED)
+    return UNMATCHED
+
+
 class Guard:
-    def __init__(self, app: ASGIApp, state: Callable[[], AppState]) -> None:
+    def __init__(
+        self, app: ASGIApp, state: Callable[[], AppState], routes: Sequence[BaseRoute]
+    ) -> None:
         self.app = app
         self.state = state
+        self.routes = routes  # the app's route list (filled after this layer is added)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        refused = self.refusal(scope["path"], headers)
-        if refused is not None:
-            await refused(scope, receive, send)
-            return
-        await self.app(scope, self.counted(receive), send)
+        metrics = self.state().metrics
+        label = route_label(self.routes, scope)
+        status = 500  # unless a response starts
+        start = time.perf_counter()
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refused = self.refusal(scope["path"], Headers(scope=scope))
+            if refused is not None:
+                await refused(scope, receive, send_counted)
+            else:
+                await self.app(scope, self.counted(receive), send_counted)
+        finally:
+            metrics.requests.labels(label, str(status)).inc()
+            metrics.latency.labels(label).observe(time.perf_counter() - start)
 
     def refusal(self, path: str, headers: Headers) -> JSONResponse | None:
         """The 401 / 413 answer for a request that must not reach a route, or None."""

@@ -128,9 +128,25 @@ def test_clients_healthz_and_metrics(client):
     client.post("/v1/clients/0/predict", json={"instruction": PROMPT})
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    assert 'feddpa_requests_total{route="predict",status="200"}' in metrics.text
+    label = 'route="/v1/clients/{client_id}/predict"'
+    assert f'feddpa_requests_total{{{label},status="200"}}' in metrics.text
     assert "feddpa_request_seconds_bucket" in metrics.text
     assert 'status="500"' not in metrics.text
+
+
+def test_metrics_labels_are_route_templates_whatever_the_paths(engine):
+    """2,000 random paths made 2,004 series when the label was the last path segment."""
+    with make_client(engine) as c:
+        for i in range(50):
+            assert c.get(f"/random/{i}/x{i}").status_code == 404
+            assert c.post(f"/v1/clients/{1000 + i}/predict", json={}).status_code == 422
+        text = c.get("/metrics").text
+    routes = {
+        line.split('route="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("feddpa_requests_total{")
+    }
+    assert routes == {"unmatched", "/v1/clients/{client_id}/predict"}, routes
 
 
 # --- errors: never a 500 ----------------------------------------------------------------------------
