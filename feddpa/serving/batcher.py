@@ -57,7 +57,7 @@ class Batcher(Generic[Q, R]):
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), timeout=left))
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
                 break
         return batch
 

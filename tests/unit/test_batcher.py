@@ -105,3 +105,35 @@ def test_one_bad_request_fails_alone_inside_a_batch():
     assert (one, two) == (10, 20)
     assert isinstance(bad, ValueError) and "13" in str(bad)
     assert calls[0] == [1, 13, 2] and sorted(map(tuple, calls[1:])) == [(1,), (2,), (13,)]
+
+
+def test_a_lone_request_waits_for_company_then_runs_on_python_3_10_too(monkeypatch):
+    """The wait for company ends in a timeout: on Python 3.10 `asyncio.wait_for` raises
+    `asyncio.TimeoutError`, a class of its own there (an alias of the built-in one from 3.11). A
+    batcher catching only the built-in class let it kill the worker: the request hung. The 3.10
+    class is emulated here, so the check runs on any Python."""
+
+    class TimeoutError310(Exception):  # asyncio.exceptions.TimeoutError on 3.10
+        pass
+
+    async def wait_for_310(awaitable, timeout):
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise TimeoutError310
+
+    monkeypatch.setattr(asyncio, "TimeoutError", TimeoutError310)
+    monkeypatch.setattr(asyncio, "wait_for", wait_for_310)
+    calls: list[list[int]] = []
+    batcher = Batcher(slow_echo(0.0, calls), max_batch_size=4, wait_s=0.01)
+
+    async def main():
+        task = asyncio.ensure_future(batcher.submit(7))
+        await asyncio.wait({task}, timeout=30)  # a liveness guard, not a timing assertion
+        assert task.done(), "the lone request hung: the worker died on the timeout"
+        return task.result()
+
+    assert asyncio.run(main()) == 70
+    assert calls == [[7]]
