@@ -9,9 +9,10 @@ missing token → 401/403, prompt over the limit → 413, queue full → 503 wit
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Protocol
 
@@ -26,16 +27,19 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feddpa.core.records import Example, format_options, parse_options
 from feddpa.serving import schemas as s
 from feddpa.serving.auth import TokenStore
 from feddpa.serving.engine import Request as EngineRequest
-from feddpa.serving.engine import Result, ServingEngine, TooLarge, UnknownClient
+from feddpa.serving.engine import Result, ServingEngine
+from feddpa.serving.errors import ServingError, failure_of, internal_error
 from feddpa.serving.guard import Guard
 from feddpa.serving.limits import Limits, check_options, check_text, new_tokens
 
 __all__ = ["AppState", "Backend", "Limits", "LocalBackend", "build_app"]
+log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -51,8 +55,11 @@ class LocalBackend:
         self.engine = engine
 
     async def run(self, req: EngineRequest) -> Result:
-        await asyncio.to_thread(self.engine.validate, req)  # as the Serve replica does
-        return (await asyncio.to_thread(self.engine.run_batch, [req]))[0]
+        try:
+            await asyncio.to_thread(self.engine.validate, req)  # as the Serve replica does
+            return (await asyncio.to_thread(self.engine.run_batch, [req]))[0]
+        except Exception as err:
+            raise ServingError(failure_of(err, req.request_id)) from None
 
     async def describe(self) -> dict:
         return self.engine.describe()
@@ -74,6 +81,19 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 }
 bearer = HTTPBearer(auto_error=False)
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def request_id(request: Request) -> str:
+    """The id `Guard` gave this request (also in its X-Request-ID header)."""
+    return getattr(request.state, "request_id", "-")
+
+
+def error_response(
+    request: Request, status: int, detail: object, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """The documented error body: {"detail": ..., "request_id": ...}."""
+    body = {"detail": detail, "request_id": request_id(request)}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def parse_client(text: str) -> int:
@@ -105,12 +125,23 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
     app.add_middleware(Guard, state=state, routes=app.router.routes)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         """422 naming each bad field, without echoing the input: a body may hold text that cannot
         be encoded in a response (a lone surrogate; FastAPI's default handler then fails with
         500), and echoing it only repeats what the client sent."""
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": errors})
+        return error_response(request, 422, errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, exc.status_code, exc.detail, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: the traceback goes to the log with the request id, the client gets the id."""
+        rid = request_id(request)
+        log.error("request %s failed", rid, exc_info=exc)
+        return error_response(request, 500, internal_error(rid), {"X-Request-ID": rid})
 
     def token_scope(creds: HTTPAuthorizationCredentials | None) -> int | None:
         """The one client a bearer token opens; None when it opens all (admin, or auth off)."""
@@ -139,9 +170,14 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             raise HTTPException(404, f"unknown client {cid}: use an id from GET /v1/clients")
         return info
 
-    async def execute(req: EngineRequest) -> Result:
+    async def execute(request: Request, req: EngineRequest) -> Result:
         limits: Limits = state().limits
-        req = replace(req, max_prompt_tokens=limits.max_prompt_tokens, max_beams=limits.max_beams)
+        req = replace(
+            req,
+            max_prompt_tokens=limits.max_prompt_tokens,
+            max_beams=limits.max_beams,
+            request_id=request_id(request),
+        )
         if state().inflight >= limits.max_queue:
             raise HTTPException(
                 503, "overloaded, retry later", headers={"Retry-After": str(limits.retry_after_s)}
@@ -149,12 +185,10 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         state().inflight += 1
         try:
             return await state().backend.run(req)
-        except UnknownClient as err:
-            raise HTTPException(404, f"unknown client {err.args[0]}") from None
-        except TooLarge as err:
-            raise HTTPException(413, str(err)) from None
-        except ValueError as err:
-            raise HTTPException(422, str(err)) from None
+        except ServingError as err:
+            failed = err.failure
+            retry = limits.retry() if failed.retry else None
+            raise HTTPException(failed.status, failed.message, headers=retry) from None
         finally:
             state().inflight -= 1
 
@@ -209,7 +243,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         await known(request, client_id)
         check_text("instruction", body.instruction, state().limits.max_prompt_chars)
         example = mc_example(body.instruction, body.options)
-        r = await execute(EngineRequest(client_id, example, "predict", body.weighting))
+        r = await execute(request, EngineRequest(client_id, example, "predict", body.weighting))
         return s.PredictResponse(
             client_id=client_id,
             choice=r.choice,
@@ -242,7 +276,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             body.weighting,
             new_tokens(body.max_tokens, state().limits),
         )
-        r = await execute(req)
+        r = await execute(request, req)
         return s.GenerateResponse(
             client_id=client_id, text=r.text, weights=weights(r), version=r.version
         )
@@ -258,10 +292,10 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         if info["kind"] == "causal_lm":
             limit = new_tokens(max_tokens, state().limits)
             req = EngineRequest(cid, Example(prompt, "", "request"), "generate", None, limit)
-            r = await execute(req)
+            r = await execute(request, req)
             return cid, r.text, r
         example = mc_example(prompt, None)
-        r = await execute(EngineRequest(cid, example, "predict"))
+        r = await execute(request, EngineRequest(cid, example, "predict"))
         return cid, r.choice, r
 
     def openai_body(kind: str, model: str, prompt: str, text: str, chat: bool) -> dict:

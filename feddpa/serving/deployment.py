@@ -8,6 +8,7 @@ Ray 2.60 it splits batches by multiplexed model id, which would defeat mixed-cli
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from feddpa.serving.app import AppState, Limits, build_app
 from feddpa.serving.auth import TokenStore
 from feddpa.serving.batcher import Batcher
 from feddpa.serving.engine import Request, Result, ServingEngine
+from feddpa.serving.errors import Failure, ServingError, failure_of, internal_error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,15 @@ class Personalizer:
         self.engine = ServingEngine(options.run_dir, options.capacity)
         self.batcher = Batcher(self.engine.run_batch, options.max_batch_size, options.batch_wait_s)
 
-    async def run(self, req: Request) -> Result:
-        # validated alone (loading the client into the engine's LRU), so a bad request fails
-        # alone and not its whole batch
-        await asyncio.to_thread(self.engine.validate, req)
-        return await self.batcher.submit(req)
+    async def run(self, req: Request) -> Result | Failure:
+        """The result, or a `Failure` returned (not raised: Ray would wrap an exception in its
+        traceback). Validated alone first (loading the client into the engine's LRU), so a bad
+        request fails alone and not its whole batch."""
+        try:
+            await asyncio.to_thread(self.engine.validate, req)
+            return await self.batcher.submit(req)
+        except Exception as err:
+            return failure_of(err, req.request_id)
 
     def batch_sizes(self) -> dict[int, int]:
         """{batch size: batches run} so far (benchmarks, tests)."""
@@ -60,10 +68,29 @@ class RayBackend:
     async def run(self, req: Request) -> Result:
         # No multiplexed_model_id: in Ray 2.60 serve.batch splits batches by multiplexed id, which
         # would serve each client alone. The engine's LRU holds the clients instead.
-        return await self.handle.run.remote(req)
+        try:
+            out = await self.handle.run.remote(req)
+        except Exception as err:
+            raise ServingError(ray_failure(err, req.request_id)) from None
+        if isinstance(out, Failure):
+            raise ServingError(out)
+        return out
 
     async def describe(self) -> dict:
         return await self.handle.describe.remote()
+
+
+def ray_failure(err: Exception, request_id: str) -> Failure:
+    """What a client sees when the call to the Personalizer itself failed (not the request)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(err, BackPressureError):
+        return Failure(503, "the model replicas' queues are full; retry later", retry=True)
+    log.error("request %s: the Personalizer call failed", request_id, exc_info=err)
+    if isinstance(err, ActorDiedError | ActorUnavailableError | RayActorError):
+        return Failure(503, f"a model replica is restarting (request id {request_id})", True)
+    return Failure(500, internal_error(request_id))
 
 
 _STATE: list[AppState] = []  # this replica's state, set by Ingress.__init__

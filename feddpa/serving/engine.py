@@ -32,16 +32,11 @@ from feddpa.core.records import Example
 from feddpa.core.stack import LocalStack
 from feddpa.core.storage import client_dir, latest_checkpoint, load_adapter, load_bank
 from feddpa.core.weighting import ClientBank, mix_rows, needs_bank
+from feddpa.serving.errors import TooLarge, UnknownClient
+
+__all__ = ["Request", "Result", "ServingEngine", "TooLarge", "UnknownClient"]
 
 log = logging.getLogger(__name__)
-
-
-class UnknownClient(KeyError):
-    pass
-
-
-class TooLarge(ValueError):
-    """A request over one of the serving limits (413)."""
 
 
 @dataclass
@@ -69,6 +64,7 @@ class Request:
     max_new_tokens: int | None = None  # decoding bound; None = the run's eval.max_new_tokens
     max_prompt_tokens: int | None = None  # refuse longer prompts (TooLarge); None = no limit
     max_beams: int | None = None  # cap on the run's eval.num_beams; None = no cap
+    request_id: str = ""  # the HTTP request's id, for the log
 
 
 @dataclass

@@ -5,6 +5,8 @@
   anything about the body it sent; `/metrics` needs the admin token;
 - body size: a declared `Content-Length` over `max_body_bytes` is refused (413) before a byte is
   read, and a chunked body is counted as it streams in and refused the moment it passes the limit;
+- request id: every request gets one (`request.state.request_id`, the X-Request-ID header of
+  its response, and the `request_id` of an error body), and the log names it;
 - metrics: every request counted by its route *template* (`/v1/clients/{client_id}/predict`) and
   status, a path that matches no route as "unmatched", so labels stay bounded whatever is sent.
 """
@@ -12,12 +14,13 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,15 +66,18 @@ class Guard:
         label = route_label(self.routes, scope)
         status = 500  # unless a response starts
         start = time.perf_counter()
+        rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
 
         async def send_counted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", rid)
             await send(message)
 
         try:
-            refused = self.refusal(scope["path"], Headers(scope=scope))
+            refused = self.refusal(scope["path"], Headers(scope=scope), rid)
             if refused is not None:
                 await refused(scope, receive, send_counted)
             else:
@@ -80,22 +86,23 @@ class Guard:
             metrics.requests.labels(label, str(status)).inc()
             metrics.latency.labels(label).observe(time.perf_counter() - start)
 
-    def refusal(self, path: str, headers: Headers) -> JSONResponse | None:
+    def refusal(self, path: str, headers: Headers, rid: str) -> JSONResponse | None:
         """The 401 / 413 answer for a request that must not reach a route, or None."""
         state = self.state()
         if state.tokens is not None and path not in PUBLIC:
             token = bearer_token(headers)
             if token is None:
-                return unauthorized("missing bearer token")
+                return unauthorized("missing bearer token", rid)
             if path in ADMIN_ONLY:
                 if not state.tokens.is_admin(token):
-                    return unauthorized(f"{path} needs the admin token")
+                    return unauthorized(f"{path} needs the admin token", rid)
             elif not state.tokens.is_admin(token) and state.tokens.client_of(token) is None:
-                return unauthorized("invalid bearer token")
+                return unauthorized("invalid bearer token", rid)
         declared = headers.get("content-length")
         limit = state.limits.max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return JSONResponse({"detail": body_too_large(limit)}, status_code=413)
+            body = {"detail": body_too_large(limit), "request_id": rid}
+            return JSONResponse(body, status_code=413)
         return None
 
     def counted(self, receive: Receive) -> Receive:
@@ -119,5 +126,6 @@ def body_too_large(limit: int) -> str:
     return f"request body is over the limit of {limit} bytes"
 
 
-def unauthorized(detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+def unauthorized(detail: str, rid: str) -> JSONResponse:
+    body = {"detail": detail, "request_id": rid}
+    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})

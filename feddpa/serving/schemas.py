@@ -104,4 +104,5 @@ class ChatCompletionRequest(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    detail: str
+    detail: str = Field(..., description="what went wrong, in a sentence")
+    request_id: str = Field(..., description="also the X-Request-ID header; the log has it too")

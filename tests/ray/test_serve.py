@@ -149,6 +149,18 @@ def test_client_token_opens_its_own_client_only(served):
     assert predict(served.url, served.tokens["admin"], 7, stem, opts).status_code == 404
 
 
+def test_errors_raised_in_the_replica_reach_the_client_as_plain_json(served):
+    """An error inside the Personalizer (here its prompt-token limit) used to arrive as a Ray
+    traceback (`ray::ServeReplica...`, colour codes, actor ids); now the documented JSON error."""
+    stem, opts = "word " * 1500, ["yes", "no"]  # under the character limit, over 1024 tokens
+    r = predict(served.url, served.tokens["admin"], 1, stem, opts)
+    assert r.status_code == 413, r.text
+    body = r.json()
+    assert body["detail"].startswith("prompt has") and "the limit is 1024" in body["detail"]
+    assert body["request_id"] == r.headers["x-request-id"]
+    assert "ray::" not in r.text and "\\u001b" not in r.text and "actor_id" not in r.text
+
+
 def test_roll_out_under_load_fails_no_request_and_mixes_no_versions(served):
     """Runs last (it commits round 2 into the served run): 4 threads keep predicting while the
     round is committed. Every response is 200, each thread sees the old round and then only the

@@ -313,6 +313,128 @@ def test_full_queue_is_503_with_retry_after(engine):
         assert c.get("/healthz").status_code == 200  # health does not queue
 
 
+# --- errors are typed, plain and carry a request id -------------------------------------------------
+
+
+class _Raising:
+    """A backend whose calls fail as a Ray Serve call does: with internals in the message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def run(self, req: Request):
+        raise self.error
+
+    async def describe(self) -> dict:
+        return {"clients": [0, 1], "version": "round_00001", "kind": "multiple_choice"}
+
+
+RAY_TRACE = "\x1b[36mray::ServeReplica:feddpa:Personalizer.run()\x1b[39m (pid=4242, ip=10.0.0.7)"
+
+
+def test_unexpected_errors_are_500_with_a_request_id_and_no_internals(caplog):
+    state = AppState(_Raising(RuntimeError(RAY_TRACE)))
+    with TestClient(build_app(lambda: state), raise_server_exceptions=False) as c:
+        r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
+    assert r.status_code == 500, r.text
+    body = r.json()
+    rid = r.headers["x-request-id"]
+    assert body == {
+        "detail": f"internal error (request id {rid}); the server log has the details",
+        "request_id": rid,
+    }
+    assert "ray::" not in r.text and "pid=" not in r.text and "\x1b" not in r.text
+    logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+    assert logged and logged[0].exc_info is not None  # the traceback is in the log, by id
+
+
+def test_failures_from_the_deployment_map_to_the_documented_error(engine):
+    """What the Personalizer returns (a Failure, never a Ray traceback) becomes the JSON error
+    with its status, its plain sentence and the request id; Retry-After where it may pass."""
+    from feddpa.serving.errors import Failure, ServingError
+
+    for failure, status in (
+        (Failure(422, "client 0 has no representation bank"), 422),
+        (Failure(503, "round vanished", retry=True), 503),
+    ):
+        state = AppState(_Raising(ServingError(failure)), limits=Limits(retry_after_s=9))
+        with TestClient(build_app(lambda state=state: state)) as c:
+            r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
+        assert r.status_code == status
+        assert r.json() == {"detail": failure.message, "request_id": r.headers["x-request-id"]}
+        assert r.headers.get("retry-after") == ("9" if failure.retry else None)
+
+
+def test_ray_backend_turns_replica_outcomes_into_typed_errors():
+    """The ingress side of the boundary, with a stand-in handle: a returned Failure is raised as
+    itself; an exception from the call (a Ray error, its message a remote traceback) becomes a
+    plain 500 naming the request id; Serve's backpressure becomes 503 with Retry-After."""
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    from feddpa.serving.deployment import RayBackend
+    from feddpa.serving.errors import Failure, ServingError
+
+    class Handle:
+        def __init__(self, outcome) -> None:
+            self.run = self
+            self.outcome = outcome
+
+        def remote(self, req):
+            async def call():
+                if isinstance(self.outcome, Exception):
+                    raise self.outcome
+                return self.outcome
+
+            return call()
+
+    req = Request(0, Example(PROMPT, "", "request"), request_id="abc123")
+
+    def outcome_of(handle_outcome) -> Failure:
+        with pytest.raises(ServingError) as err:
+            asyncio.run(RayBackend(Handle(handle_outcome)).run(req))
+        return err.value.failure
+
+    plain = Failure(404, "unknown client 7: use an id from GET /v1/clients")
+    assert outcome_of(plain) == plain
+    crashed = outcome_of(RuntimeError(RAY_TRACE))
+    assert crashed.status == 500 and "abc123" in crashed.message and "ray::" not in crashed.message
+    full = outcome_of(BackPressureError(num_queued_requests=3, max_queued_requests=3))
+    assert full.status == 503 and full.retry
+
+
+def test_the_personalizer_returns_failures_instead_of_raising(engine):
+    """Inside the replica: errors come back as data (Ray would wrap a raised one in its
+    traceback); an unexpected one is logged there with the request id."""
+    import asyncio
+
+    from feddpa.serving.deployment import Personalizer
+    from feddpa.serving.errors import Failure
+
+    replica = Personalizer.__new__(Personalizer)  # the replica's state without a Serve actor
+    replica.engine = engine
+
+    class Broken:
+        async def submit(self, req):
+            raise RuntimeError("CUDA error: device-side assert at 0x7f00")
+
+    replica.batcher = Broken()
+    unknown = asyncio.run(replica.run(Request(99, Example(PROMPT, "", "r"), request_id="r1")))
+    assert unknown == Failure(404, "unknown client 99: use an id from GET /v1/clients")
+    crashed = asyncio.run(replica.run(Request(0, Example(PROMPT, "", "r"), request_id="r2")))
+    assert crashed.status == 500 and "r2" in crashed.message and "CUDA" not in crashed.message
+
+
+def test_every_response_carries_its_request_id(secured):
+    ids = set()
+    for r in (secured.get("/healthz"), secured.get("/v1/clients"), secured.get("/nowhere")):
+        ids.add(r.headers["x-request-id"])
+        if r.status_code >= 400:
+            assert r.json()["request_id"] == r.headers["x-request-id"]
+    assert len(ids) == 3
+
+
 def test_generate_on_a_multiple_choice_run_is_422(client):
     r = client.post("/v1/clients/0/generate", json={"prompt": "Say hello"})
     assert r.status_code == 422 and "multiple_choice" in r.json()["detail"]
