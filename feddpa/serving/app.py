@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter as CounterOf
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Protocol
@@ -113,7 +114,8 @@ class AppState:
     tokens: TokenStore | None = None
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = field(default_factory=lambda: Metrics())
-    inflight: int = 0
+    inflight: int = 0  # model requests in flight in this ingress replica
+    client_inflight: CounterOf[int] = field(default_factory=lambda: CounterOf())  # per client
 
 
 def build_app(state: Callable[[], AppState]) -> FastAPI:
@@ -178,19 +180,36 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             max_beams=limits.max_beams,
             request_id=request_id(request),
         )
-        if state().inflight >= limits.max_queue:
+        here = state()
+        if here.inflight >= limits.max_queue:
+            raise HTTPException(503, "overloaded, retry later", headers=limits.retry())
+        cid = req.client_id
+        if here.client_inflight[cid] >= limits.max_client_inflight:
             raise HTTPException(
-                503, "overloaded, retry later", headers={"Retry-After": str(limits.retry_after_s)}
+                429,
+                f"client {cid} has {here.client_inflight[cid]} requests in flight; the limit is "
+                f"{limits.max_client_inflight}: wait for answers before sending more",
+                headers=limits.retry(),
             )
-        state().inflight += 1
+        here.inflight += 1
+        here.client_inflight[cid] += 1
         try:
-            return await state().backend.run(req)
+            return await asyncio.wait_for(here.backend.run(req), limits.request_timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
+            raise HTTPException(
+                504,
+                f"no answer within {limits.request_timeout_s:g} s (request cancelled); retry later",
+                headers=limits.retry(),
+            ) from None
         except ServingError as err:
             failed = err.failure
             retry = limits.retry() if failed.retry else None
             raise HTTPException(failed.status, failed.message, headers=retry) from None
         finally:
-            state().inflight -= 1
+            here.inflight -= 1
+            here.client_inflight[cid] -= 1
+            if not here.client_inflight[cid]:
+                del here.client_inflight[cid]  # bounded: only clients with requests in flight
 
     def weights(r: Result) -> s.Weights:
         return s.Weights(global_adapter=r.global_weight, local_adapter=r.local_weight)

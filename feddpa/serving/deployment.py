@@ -108,24 +108,38 @@ class Ingress:
         _STATE[:] = [AppState(RayBackend(personalizer), tokens, options.limits)]
 
 
+INGRESS_HEADROOM = 16  # ingress slots beyond max_queue: health, metrics and the 503s themselves
+
+
+def queue_settings(options: ServeOptions) -> tuple[dict, dict]:
+    """Serve's concurrency settings (ingress, Personalizer), consistent with the app's limits.
+
+    The ingress admits `max_queue` + headroom requests, so the app's own check (503 with
+    Retry-After once `max_queue` model requests are in flight) is reachable and cheap routes still
+    get in; beyond that Serve's proxy queues at most `max_queue` more and then answers 503 itself
+    (its queue is unbounded by default). Every Personalizer replica accepts what the ingress lets
+    through (its batcher is the real queue); a call beyond its bounded queue is Serve's
+    BackPressureError, which the ingress answers with 503 + Retry-After."""
+    queue = options.limits.max_queue
+    ingress = {"max_ongoing_requests": queue + INGRESS_HEADROOM, "max_queued_requests": queue}
+    personalizer = {"max_ongoing_requests": queue, "max_queued_requests": queue}
+    return ingress, personalizer
+
+
 def build_application(options: ServeOptions):
     """The bound Serve application for `serve.run`."""
     if latest_checkpoint(Path(options.run_dir) / "checkpoints") is None:
         raise FileNotFoundError(f"{options.run_dir}: no committed training round to serve")
+    ingress_queue, personalizer_queue = queue_settings(options)
     personalizer = serve.deployment(
         num_replicas=options.replicas,
         ray_actor_options={
             "num_cpus": options.cpus_per_replica,
             "num_gpus": options.gpus_per_replica,
         },
-        max_ongoing_requests=max(64, options.max_batch_size * 4),
+        **personalizer_queue,
     )(Personalizer).bind(options)
-    # as many requests in flight through the ingress as the Personalizer accepts (Serve's default
-    # of 5 would cap a batch at 5 requests)
-    ingress = serve.deployment(
-        ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=max(64, options.max_batch_size * 4),
-    )(Ingress)
+    ingress = serve.deployment(ray_actor_options={"num_cpus": 0.1}, **ingress_queue)(Ingress)
     return ingress.bind(personalizer, options)
 
 

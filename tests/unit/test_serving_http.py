@@ -435,6 +435,54 @@ def test_every_response_carries_its_request_id(secured):
     assert len(ids) == 3
 
 
+class _Stuck(_Raising):
+    """A backend that never answers (a wedged replica)."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    async def run(self, req: Request):
+        import asyncio
+
+        self.started += 1
+        await asyncio.Event().wait()
+
+
+def test_one_clients_share_of_the_queue_is_capped_with_429(engine):
+    state = AppState(LocalBackend(engine), None, Limits(max_client_inflight=2, retry_after_s=4))
+    state.client_inflight[1] = 2  # client 1 already has two requests in flight
+    with TestClient(build_app(lambda: state)) as c:
+        r = c.post("/v1/clients/1/predict", json={"instruction": PROMPT})
+        assert r.status_code == 429 and r.headers["retry-after"] == "4"
+        assert r.json()["detail"].startswith("client 1 has 2 requests in flight")
+        assert c.post("/v1/clients/2/predict", json={"instruction": PROMPT}).status_code == 200
+    assert state.client_inflight == {1: 2}  # the finished request left no count behind
+
+
+def test_a_request_past_the_timeout_is_504_with_retry_after():
+    backend = _Stuck()
+    state = AppState(backend, limits=Limits(request_timeout_s=0.05, retry_after_s=3))
+    with TestClient(build_app(lambda: state)) as c:
+        r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
+    assert r.status_code == 504 and r.headers["retry-after"] == "3"
+    assert "no answer within 0.05 s" in r.json()["detail"]
+    assert backend.started == 1
+    assert state.inflight == 0 and not state.client_inflight  # the slots were given back
+
+
+def test_serve_queues_are_bounded_and_let_the_apps_503_fire():
+    """Before, the ingress admitted 64 requests against a queue limit of 256 (the app's 503 could
+    never fire) and Serve's proxy queue was unbounded."""
+    from feddpa.serving.deployment import ServeOptions, queue_settings
+
+    limits = Limits(max_queue=40)
+    ingress, personalizer = queue_settings(ServeOptions(run_dir="unused", limits=limits))
+    assert ingress["max_ongoing_requests"] > limits.max_queue  # the app's check is reachable
+    for settings_ in (ingress, personalizer):
+        assert 0 < settings_["max_queued_requests"] <= limits.max_queue  # Serve: bounded, 503
+    assert personalizer["max_ongoing_requests"] >= limits.max_queue  # takes what gets through
+
+
 def test_generate_on_a_multiple_choice_run_is_422(client):
     r = client.post("/v1/clients/0/generate", json={"prompt": "Say hello"})
     assert r.status_code == 422 and "multiple_choice" in r.json()["detail"]
