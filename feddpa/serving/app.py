@@ -227,8 +227,13 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz(request: Request) -> dict:
+        """ "ok", or "degraded" with the reason while a newer round fails to load (the previous
+        round is still served, so the answer stays 200)."""
         info = await state().backend.describe()
-        return {"status": "ok", "version": info["version"], "clients": len(info["clients"])}
+        health = {"status": "ok", "version": info["version"], "clients": len(info["clients"])}
+        if info.get("problem"):
+            health.update(status="degraded", reason=info["problem"])
+        return health
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics(request: Request) -> PlainTextResponse:

@@ -9,6 +9,13 @@ not grow with the number of clients in it (FedDPA, arXiv 2403.19211, Eq. 6–7; 
 Roll-out: at the start of every batch the engine checks the run's LATEST round; when training has
 committed a new one it swaps in the new global adapter and drops cached clients (their local
 adapters changed too). Batches run one at a time per replica, so no request sees mixed versions.
+
+A bad round never takes serving down: a new round is read and checked whole (state, the global
+adapter's keys, shapes and values, every local adapter's header, every bank) before anything is
+replaced; if that fails the engine keeps serving the previous round, reports itself `degraded`
+(with the reason) and tries again after `retry_s`. The global adapter and the banks are held in
+memory; a client's local adapter is read on its first request, so if training prunes the served
+round meanwhile (FileNotFoundError) the engine moves to the newest round and loads it from there.
 """
 
 from __future__ import annotations
@@ -18,21 +25,34 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from feddpa.core import algorithms
-from feddpa.core.adapters import GLOBAL, Mix, load_adapter_state, set_trainable
+from feddpa.core.adapters import (
+    GLOBAL,
+    AdapterState,
+    Mix,
+    adapter_state,
+    load_adapter_state,
+    set_trainable,
+)
 from feddpa.core.config import WeightingConfig, WeightMode, load_config
 from feddpa.core.evaluation import ClientWeighting, query_representations
 from feddpa.core.models import build_task_model
 from feddpa.core.records import Example
 from feddpa.core.stack import LocalStack
-from feddpa.core.storage import client_dir, latest_checkpoint, load_adapter, load_bank
+from feddpa.core.storage import (
+    ADAPTER_FILE,
+    client_dir,
+    latest_checkpoint,
+    load_adapter,
+    load_bank,
+)
 from feddpa.core.weighting import ClientBank, mix_rows, needs_bank
-from feddpa.serving.errors import TooLarge, UnknownClient
+from feddpa.serving.errors import TooLarge, Unavailable, UnknownClient
 
 __all__ = ["Request", "Result", "ServingEngine", "TooLarge", "UnknownClient"]
 
@@ -53,6 +73,21 @@ class ClientSlot:
     @property
     def weighting(self) -> ClientWeighting:
         return ClientWeighting(self.client_id, self.bank, self.has_local)
+
+
+class RoundVanished(Unavailable):
+    """The served round's files are gone (training pruned it): move to the newest round."""
+
+
+@dataclass(frozen=True)
+class LoadedRound:
+    """A committed round read and checked whole, before it replaces the served one."""
+
+    path: Path
+    clients: list[int]
+    global_state: AdapterState
+    banks: dict[int, ClientBank]
+    has_local: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -91,6 +126,13 @@ class ServingEngine:
         self.slots: OrderedDict[int, ClientSlot] = OrderedDict()
         self.version = ""
         self.clients: list[int] = []
+        self.round: LoadedRound | None = None
+        self.expected = {
+            k: tuple(v.shape) for k, v in adapter_state(self.model.peft, GLOBAL).items()
+        }
+        self.problem: str | None = None  # why the newest round is not served (degraded)
+        self.failed: tuple[str, float] | None = None  # (round, monotonic time) of the last failure
+        self.retry_s = 30.0  # a round that failed is read again after this long
         self.lock = threading.RLock()  # re-entrant: run_batch and validate call slot/refresh
         if not self.refresh():
             raise FileNotFoundError(f"{self.run_dir}: no committed round to serve yet")
@@ -100,20 +142,85 @@ class ServingEngine:
         return self.cfg.model.kind
 
     def refresh(self) -> bool:
-        """Switch to the newest committed round if training moved on; True if one is loaded."""
+        """Switch to the newest committed round if training moved on and it checks out; True if
+        a round is served. Raises only when there is no round to fall back on (start-up)."""
         with self.lock:  # never swap the global or evict under a running batch
-            latest = latest_checkpoint(self.run_dir / "checkpoints")
-            if latest is None:
-                return bool(self.version)
-            if latest.name != self.version:
-                state = json.loads((latest / "state.json").read_text())
-                load_adapter_state(self.model.peft, GLOBAL, load_adapter(latest / "global"))
-                for cid in list(self.slots):
-                    self._evict(cid)
-                self.clients = sorted(state["clients"])
-                self.version, self.checkpoint = latest.name, latest
-                log.info("serving %s (%d clients)", latest.name, len(self.clients))
+            name = "LATEST"
+            try:
+                latest = latest_checkpoint(self.run_dir / "checkpoints")
+                if latest is None:
+                    return bool(self.version)
+                name = latest.name
+                if name == self.version or self._waiting(name):
+                    return bool(self.version)
+                loaded = self._read_round(latest)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                if not self.version:
+                    raise
+                if not self._waiting(name):  # once per retry_s in the log, not per request
+                    self._degrade(name, err)
+                return True
+            self._switch(loaded)
             return True
+
+    def _waiting(self, name: str) -> bool:
+        """True while the round `name` failed less than `retry_s` ago."""
+        return (
+            self.failed is not None
+            and self.failed[0] == name
+            and time.monotonic() < self.failed[1] + self.retry_s
+        )
+
+    def _degrade(self, name: str, err: Exception) -> None:
+        self.problem = (
+            f"{name} could not be loaded ({err}); serving {self.version}, "
+            f"retrying every {self.retry_s:g} s"
+        )
+        self.failed = (name, time.monotonic())
+        log.error("%s", self.problem)
+
+    def _switch(self, loaded: LoadedRound) -> None:
+        """Replace the served round (everything was checked: nothing below can fail halfway)."""
+        load_adapter_state(self.model.peft, GLOBAL, loaded.global_state)
+        for cid in list(self.slots):
+            self._evict(cid)
+        self.round, self.clients = loaded, loaded.clients
+        self.version, self.checkpoint = loaded.path.name, loaded.path
+        self.problem = self.failed = None
+        log.info("serving %s (%d clients)", loaded.path.name, len(self.clients))
+
+    def _read_round(self, path: Path) -> LoadedRound:
+        """Read and check a committed round whole; raises naming the file at fault."""
+        state = json.loads((path / "state.json").read_text())
+        clients = sorted(int(c) for c in state["clients"])
+        global_state = load_adapter(path / "global")
+        self._check_adapter(path / "global" / ADAPTER_FILE, _shapes(global_state))
+        for key, value in global_state.items():
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{path / 'global'}: {key} holds NaN or inf")
+        banks, has_local = {}, set()
+        for cid in clients:
+            cdir = client_dir(path, cid)
+            if (cdir / "local").is_dir():
+                self._check_adapter(cdir / "local" / ADAPTER_FILE, _header_shapes(cdir / "local"))
+                has_local.add(cid)
+            if (cdir / "bank.safetensors").is_file():
+                bank = load_bank(cdir / "bank.safetensors")
+                if bank.vectors.ndim != 2 or not torch.isfinite(bank.vectors).all():
+                    raise ValueError(f"{cdir / 'bank.safetensors'}: not an (N, H) finite bank")
+                # copies: the loaded tensors may map the file, which must not pin the round
+                banks[cid] = replace(bank, vectors=bank.vectors.clone(), loo=bank.loo.clone())
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"{path} was removed while it was read")
+        return LoadedRound(path, clients, global_state, banks, frozenset(has_local))
+
+    def _check_adapter(self, where: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+        if shapes.keys() != self.expected.keys():
+            diff = sorted(shapes.keys() ^ self.expected.keys())[:3]
+            raise ValueError(f"{where}: tensors do not match the model's LoRA layers (e.g. {diff})")
+        for key, shape in shapes.items():
+            if shape != self.expected[key]:
+                raise ValueError(f"{where}: {key} has shape {shape}, not {self.expected[key]}")
 
     def describe(self) -> dict:
         """{"clients", "version", "kind"} without waiting for a running batch: the ingress asks on
@@ -124,7 +231,12 @@ class ServingEngine:
                 self.refresh()
             finally:
                 self.lock.release()
-        return {"clients": self.clients, "version": self.version, "kind": self.kind}
+        return {
+            "clients": self.clients,
+            "version": self.version,
+            "kind": self.kind,
+            "problem": self.problem,
+        }
 
     def _evict(self, cid: int) -> None:
         slot = self.slots.pop(cid)
@@ -139,20 +251,31 @@ class ServingEngine:
                 return self.slots[cid]
             if cid not in self.clients:
                 raise UnknownClient(cid)
+            assert self.round is not None  # set with self.clients
             start = time.perf_counter()
-            cdir = client_dir(self.checkpoint, cid)
-            index = (
-                self.stack.put(load_adapter(cdir / "local"), owner=str(cdir / "local"))
-                if (cdir / "local").is_dir()
-                else -1
-            )
-            bank = (
-                load_bank(cdir / "bank.safetensors")
-                if (cdir / "bank.safetensors").is_file()
-                else None
-            )
+            index = -1
+            if cid in self.round.has_local:
+                local = client_dir(self.checkpoint, cid) / "local"
+                try:
+                    state = load_adapter(local)
+                except FileNotFoundError:
+                    raise RoundVanished(
+                        f"{self.version} was removed while serving it; retry"
+                    ) from None
+                index = self.stack.put(state, owner=str(local))
+            bank = self.round.banks.get(cid)
             self.slots[cid] = ClientSlot(cid, index, bank, time.perf_counter() - start)
             return self.slots[cid]
+
+    def slots_for(self, cids: list[int]) -> list[ClientSlot]:
+        """Every client's slot; if training pruned the served round meanwhile, the newest round
+        is switched to and the slots are loaded from it (once)."""
+        try:
+            return [self.slot(c) for c in cids]
+        except RoundVanished:
+            self.failed = None  # read the newest round now
+            self.refresh()
+            return [self.slot(c) for c in cids]
 
     def shrink(self) -> None:
         """Evict least recently used clients beyond the capacity (never during a batch)."""
@@ -196,7 +319,7 @@ class ServingEngine:
         if slot is None:
             with self.lock:
                 self.refresh()
-                slot = self.slot(req.client_id)
+                (slot,) = self.slots_for([req.client_id])
         self._mode(req, slot)
         if req.task == "generate" and self.kind != "causal_lm":
             raise ValueError(
@@ -214,7 +337,7 @@ class ServingEngine:
         """Serve a batch of (possibly) many clients' requests in one pass."""
         with self.lock, torch.no_grad():
             self.refresh()
-            slots = [self.slot(r.client_id) for r in requests]
+            slots = self.slots_for([r.client_id for r in requests])
             route = Mix(0.0, 1.0, torch.tensor([s.index for s in slots]), self.stack)
             try:
                 return self._run(requests, self._weights(requests, slots, route))
@@ -264,3 +387,21 @@ class ServingEngine:
             beams = min(evaluation.num_beams, req.max_beams or evaluation.num_beams)
             groups.setdefault((tokens, beams), []).append(i)
         return groups
+
+
+def _shapes(state: AdapterState) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _header_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a saved adapter from the file's header (no tensor is read)."""
+    from safetensors import safe_open
+
+    path = directory / ADAPTER_FILE
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own error types, naming no file
+        raise ValueError(f"{path}: unreadable adapter ({err})") from None

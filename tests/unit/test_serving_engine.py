@@ -362,6 +362,102 @@ def test_new_round_is_rolled_out_at_the_next_batch(run, client_items, tmp_path):
     assert live.version == "round_00003" and list(live.slots) == [3]
 
 
+def _garbage_global(path: Path) -> None:
+    file = path / "global" / "adapter_model.safetensors"
+    file.unlink()
+    file.write_bytes(b"not safetensors")
+
+
+def _reshaped_global(path: Path) -> None:
+    """The last tensor (in key order) gets a wrong shape: the old swap copied the earlier ones
+    in before it failed, a half-applied global under the old version label."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "global" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    last = sorted(tensors)[-1]
+    tensors = {k: v * 5 for k, v in tensors.items()}
+    tensors[last] = torch.zeros(3, 3)
+    save_file(tensors, str(file))
+
+
+def _garbage_bank(path: Path) -> None:
+    bank = next(path.rglob("bank.safetensors"))
+    bank.unlink()  # a new file: the old one is hard-linked into the served round
+    bank.write_bytes(b"\x00" * 10)
+
+
+def _no_such_round(path: Path) -> None:
+    (path.parent / "LATEST").write_text("round_00042")
+
+
+@pytest.mark.parametrize(
+    "damage", [_garbage_global, _reshaped_global, _garbage_bank, _no_such_round]
+)
+def test_a_bad_new_round_never_replaces_the_served_one(run, client_items, tmp_path, damage):
+    """Before, every request (health included) failed once LATEST named a bad round, and a global
+    with one bad tensor was half copied in. Now the previous round keeps serving, unchanged; the
+    engine reports degraded with the reason, and picks the round up once it is repaired."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    live = ServingEngine(copy)
+    requests = [Request(cid, client_items[cid][0]) for cid in (0, 1)]
+    before = live.run_batch(requests)
+    new_round = commit_scaled_global(copy, 3.0)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(new_round, pristine)
+    damage(new_round)
+
+    after = live.run_batch(requests)
+    for a, b in zip(before, after, strict=True):
+        assert_same(a, b)  # the same round, bit for bit: nothing half applied
+    info = live.describe()
+    assert info["version"] == "round_00001"
+    assert info["problem"].startswith("LATEST" if damage is _no_such_round else "round_00002")
+    assert "serving round_00001" in info["problem"]
+
+    shutil.rmtree(new_round)
+    shutil.copytree(pristine, new_round)  # repaired (LATEST too)
+    (copy / "checkpoints" / "LATEST").write_text(new_round.name)
+    live.retry_s = 0.0
+    assert live.run_batch(requests)[0].version == "round_00002"
+    assert live.describe()["problem"] is None
+
+
+def test_a_failed_round_is_not_read_again_before_retry_s(run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    live = ServingEngine(copy)
+    _garbage_global(commit_scaled_global(copy, 3.0))
+    reads: list[Path] = []
+    real = live._read_round
+    monkeypatch.setattr(live, "_read_round", lambda p: reads.append(p) or real(p))
+    live.retry_s = 3600.0
+    for _ in range(3):
+        live.refresh()
+    assert len(reads) == 1 and live.version == "round_00001"
+
+
+def test_a_round_pruned_while_served_moves_serving_to_the_newest(run, client_items, tmp_path):
+    """Training prunes old rounds. A client first asked for after its round was deleted used to
+    be served without its local adapter (its directory was gone: "no local adapter"), or fail
+    with FileNotFoundError; now the engine moves to the newest round and loads it from there."""
+    from feddpa.serving.engine import RoundVanished
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    live = ServingEngine(copy)
+    ex = client_items[3][0]
+    committed = commit_scaled_global(copy, 3.0)
+    shutil.rmtree(copy / "checkpoints" / "round_00001")  # pruned
+    with pytest.raises(RoundVanished):
+        live.slot(3)  # the slot alone does not look for a newer round
+    got = live.run_batch([Request(3, ex, "predict", "local_only")])[0]
+    assert got.version == "round_00002"
+    probs, _ = Reference(copy, committed).probs(3, ex, "local_only")
+    torch.testing.assert_close(torch.tensor(got.probs), probs, rtol=0, atol=ATOL)
+
+
 def test_resident_clients_validate_while_a_batch_runs(run, client_items):
     """Requests of resident clients are checked without the batch lock (so they can join the next
     batch while one runs); a client that must be loaded waits for the running batch."""

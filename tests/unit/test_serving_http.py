@@ -483,6 +483,24 @@ def test_serve_queues_are_bounded_and_let_the_apps_503_fire():
     assert personalizer["max_ongoing_requests"] >= limits.max_queue  # takes what gets through
 
 
+def test_healthz_reports_degraded_with_the_reason():
+    class Degraded(_Raising):
+        async def describe(self) -> dict:
+            info = await super().describe()
+            return {**info, "problem": "round_00002 could not be loaded (bad); serving round_00001"}
+
+    state = AppState(Degraded(RuntimeError("unused")))
+    with TestClient(build_app(lambda: state)) as c:
+        r = c.get("/healthz")
+    assert r.status_code == 200  # the previous round is still served
+    assert r.json() == {
+        "status": "degraded",
+        "version": "round_00001",
+        "clients": 2,
+        "reason": "round_00002 could not be loaded (bad); serving round_00001",
+    }
+
+
 def test_generate_on_a_multiple_choice_run_is_422(client):
     r = client.post("/v1/clients/0/generate", json={"prompt": "Say hello"})
     assert r.status_code == 422 and "multiple_choice" in r.json()["detail"]
