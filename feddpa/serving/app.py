@@ -116,6 +116,7 @@ class AppState:
     metrics: Metrics = field(default_factory=lambda: Metrics())
     inflight: int = 0  # model requests in flight in this ingress replica
     client_inflight: CounterOf[int] = field(default_factory=lambda: CounterOf())  # per client
+    request_id_header: bool = True  # False behind Serve's proxy, which sets X-Request-ID itself
 
 
 def build_app(state: Callable[[], AppState]) -> FastAPI:

@@ -105,7 +105,8 @@ def replica_state() -> AppState:
 class Ingress:
     def __init__(self, personalizer: DeploymentHandle, options: ServeOptions) -> None:
         tokens = TokenStore.load(options.tokens) if options.tokens else None
-        _STATE[:] = [AppState(RayBackend(personalizer), tokens, options.limits)]
+        backend = RayBackend(personalizer)
+        _STATE[:] = [AppState(backend, tokens, options.limits, request_id_header=False)]
 
 
 INGRESS_HEADROOM = 16  # ingress slots beyond max_queue: health, metrics and the 503s themselves

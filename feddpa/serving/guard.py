@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ def bearer_token(headers: Headers) -> str | None:
 
 
 UNMATCHED = "unmatched"
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an incoming id is logged: nothing else
 
 
 def route_label(routes: Sequence[BaseRoute], scope: Scope) -> str:
@@ -66,14 +68,18 @@ class Guard:
         label = route_label(self.routes, scope)
         status = 500  # unless a response starts
         start = time.perf_counter()
-        rid = uuid.uuid4().hex
+        given = Headers(scope=scope).get("x-request-id", "")
+        # Serve's proxy puts its id there (and on the response): one id for both logs
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        add_header = self.state().request_id_header
 
         async def send_counted(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message).append("X-Request-ID", rid)
+                if add_header:
+                    MutableHeaders(scope=message)["X-Request-ID"] = rid
             await send(message)
 
         try:

@@ -433,6 +433,11 @@ def test_every_response_carries_its_request_id(secured):
         if r.status_code >= 400:
             assert r.json()["request_id"] == r.headers["x-request-id"]
     assert len(ids) == 3
+    # an incoming id (Serve's proxy sets one) is kept when it is plain, replaced otherwise
+    r = secured.get("/v1/clients", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123" == r.json()["request_id"]
+    r = secured.get("/v1/clients", headers={"X-Request-ID": "a b\nforged log line"})
+    assert len(r.headers["x-request-id"]) == 32 and "\n" not in r.json()["request_id"]
 
 
 class _Stuck(_Raising):
