@@ -91,6 +91,24 @@ def per_task(record: dict) -> dict[str, float]:
     return next(iter(record["clients"].values()))["per_task"]
 
 
+# FedDPA-T's run re-evaluated under other weightings (no retraining): the gate issue's other
+# representation, the paper's instance-wise weight, and the local adapter alone
+WEIGHTINGS = {
+    "gate, token-embedding representation": ["weighting.representation=embedding"],
+    "paper: sample K=5, λ=0.5 on global": [
+        "weighting.mode=sample",
+        "weighting.weight_on=global",
+        "weighting.lam=0.5",
+    ],
+    "local adapter alone": ["weighting.mode=local_only"],
+}
+
+
+def weighting_rows(runs: dict[str, Path]) -> dict[str, dict]:
+    evaluator = RunEvaluator(runs["feddpa_t"])
+    return {name: evaluator.evaluate(sets)["avg"] for name, sets in WEIGHTINGS.items()}
+
+
 def extra_measures(runs: dict[str, Path]) -> dict:
     """Zero-shot per task (no adapters) and greedy vs beam 4 on the Centralized run."""
     central = RunEvaluator(runs["centralized"])
@@ -139,6 +157,20 @@ def render(result: dict) -> str:
         vals = [extra[name][t] for t in tasks]
         cells = " | ".join(pct(v) for v in vals)
         lines.append(f"| {name} | {cells} | {pct(statistics.mean(vals))} |")
+    if result.get("weightings"):
+        gate = records["feddpa_t"]["avg"]
+        lines += [
+            "",
+            "FedDPA-T's run under other weightings (same adapters, re-evaluated with `feddpa eval`):",
+            "",
+            "| weighting | P | TTP |",
+            "|---|---:|---:|",
+            f"| gate, local-adapter representation (default) | {pct(gate['P'])} | {pct(gate['TTP'])} |",
+            *(
+                f"| {name} | {pct(v['P'])} | {pct(v['TTP'])} |"
+                for name, v in result["weightings"].items()
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +194,7 @@ def main() -> int:
     with ProcessPoolExecutor(args.jobs, get_context("spawn"), init_worker, (args.jobs,)) as pool:
         futures = {m: pool.submit(run_method, args.work, raw) for m, raw in raws.items()}
         runs = {m: f.result() for m, f in futures.items()}
-    set_threads(1)
+    set_threads(1)  # one job from here: every core
     result = {
         "command": "python " + " ".join(sys.argv),
         "seed": args.seed,
@@ -175,6 +207,7 @@ def main() -> int:
         "weighting": raws["feddpa_t"]["weighting"],
         "records": finals(runs),
         "extra": extra_measures(runs),
+        "weightings": weighting_rows(runs),
     }
     result["wall_s"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,11 @@ class RayExecutor:
             self._fail(step, cid, what, "round timeout: its actor was killed")
 
     def discard(self, client_ids: list[int]) -> None:
-        ray.get([self.owner[cid].discard.remote(cid) for cid in client_ids])
+        for cid in client_ids:
+            try:
+                ray.get(self.owner[cid].discard.remote(cid))
+            except RayActorError:  # the actor died: restarted, it re-reads every client anyway
+                self.suspects.add(self.actors.index(self.owner[cid]))
 
     def _await_restarts(self) -> None:
         """Before dispatching, wait (bounded by the round timeout) for crashed actors to restart."""
@@ -144,8 +148,23 @@ class RayExecutor:
         yield from self._gather(pending, step, "evaluate")
 
     def evaluate_global(self, global_state) -> ItemScores:
+        """On the first actor that answers: one that dies meanwhile hands the call to the next
+        (the scores do not depend on which host computes them)."""
         self._await_restarts()
-        return ray.get(self.actors[0].evaluate_global.remote(to_wire(global_state)))
+        ref = ray.put(to_wire(global_state))
+        errors = []
+        for idx in [*range(len(self.actors)), 0]:  # actor 0 again last: restarted by then
+            try:
+                return ray.get(
+                    self.actors[idx].evaluate_global.remote(ref),
+                    timeout=self.cfg.ray.round_timeout_s,
+                )
+            except (RayActorError, GetTimeoutError) as err:
+                why = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                log.warning("global-adapter evaluation failed on client actor %d: %s", idx, why)
+                self.suspects.add(idx)
+                errors.append(why)
+        raise RuntimeError(f"global-adapter evaluation failed on every client actor: {errors}")
 
     def initial_global(self):
         return from_wire(ray.get(self.actors[0].initial_global.remote())).state()

@@ -19,12 +19,27 @@ pytestmark = pytest.mark.ray
 
 class KillBeforeEvaluation(RayExecutor):
     """Round 1: every client has finished (and staged) its fit; actor 0 is killed and restarted
-    before the evaluation, which then runs on a host that has nothing in memory."""
+    before the evaluation, which then runs on a host that has nothing in memory. Round 2: actor 0
+    dies inside the evaluation of the global adapter alone; another actor must take it over."""
 
     def evaluate(self, step, client_ids, global_state, weighting):
         if step == 1:
             restart(self.actors[0])
         yield from super().evaluate(step, client_ids, global_state, weighting)
+
+    def evaluate_global(self, global_state):
+        if getattr(self, "_step", None) == 2:
+            import ray
+
+            def die_in_next_global_eval(actor) -> None:
+                actor.host.evaluate_global = lambda *_: os._exit(1)
+
+            ray.get(self.actors[0].__ray_call__.remote(die_in_next_global_eval))
+        return super().evaluate_global(global_state)
+
+    def fit(self, step, client_ids, global_state, stage):
+        self._step = step
+        yield from super().fit(step, client_ids, global_state, stage)
 
 
 def pid_of(actor) -> int | None:
