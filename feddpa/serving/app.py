@@ -13,13 +13,14 @@ import logging
 import time
 import uuid
 from collections import Counter as CounterOf
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,11 +34,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from feddpa.core.records import Example, format_options, parse_options
 from feddpa.serving import schemas as s
 from feddpa.serving.auth import TokenStore
+from feddpa.serving.batcher import Parts, streamed
 from feddpa.serving.engine import Request as EngineRequest
 from feddpa.serving.engine import Result, ServingEngine
 from feddpa.serving.errors import ServingError, failure_of, internal_error
 from feddpa.serving.guard import Guard
 from feddpa.serving.limits import Limits, check_options, check_text, new_tokens
+from feddpa.serving.openai_compat import DONE, Chunks, event, stream_error
 
 __all__ = ["AppState", "Backend", "Limits", "LocalBackend", "build_app"]
 log = logging.getLogger(__name__)
@@ -45,6 +48,10 @@ log = logging.getLogger(__name__)
 
 class Backend(Protocol):
     async def run(self, req: EngineRequest) -> Result: ...
+
+    def stream(
+        self, req: EngineRequest
+    ) -> AsyncGenerator[str | Result, None]: ...  # deltas, result
 
     async def describe(self) -> dict: ...  # {"clients": [...], "version": str, "kind": str}
 
@@ -61,6 +68,19 @@ class LocalBackend:
             return (await asyncio.to_thread(self.engine.run_batch, [req]))[0]
         except Exception as err:
             raise ServingError(failure_of(err, req.request_id)) from None
+
+    async def stream(self, req: EngineRequest) -> AsyncGenerator[str | Result, None]:
+        try:
+            await asyncio.to_thread(self.engine.validate, req)
+            parts = Parts(asyncio.get_running_loop())
+            run = asyncio.ensure_future(asyncio.to_thread(self._run_one, req, parts))
+            async for item in streamed(parts, run):
+                yield item
+        except Exception as err:
+            raise ServingError(failure_of(err, req.request_id)) from None
+
+    def _run_one(self, req: EngineRequest, parts: Parts) -> Result:
+        return self.engine.run_batch([req], lambda _, delta: parts.put(delta))[0]
 
     async def describe(self) -> dict:
         return self.engine.describe()
@@ -173,7 +193,10 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             raise HTTPException(404, f"unknown client {cid}: use an id from GET /v1/clients")
         return info
 
-    async def execute(request: Request, req: EngineRequest) -> Result:
+    @asynccontextmanager
+    async def admitted(request: Request, req: EngineRequest) -> AsyncIterator[EngineRequest]:
+        """The request with the replica's limits, counted in flight while the block runs (503 /
+        429 when the queue / the client's share is full)."""
         limits: Limits = state().limits
         req = replace(
             req,
@@ -195,7 +218,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         here.inflight += 1
         here.client_inflight[cid] += 1
         try:
-            return await asyncio.wait_for(here.backend.run(req), limits.request_timeout_s)
+            yield req
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
             raise HTTPException(
                 504,
@@ -211,6 +234,73 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             here.client_inflight[cid] -= 1
             if not here.client_inflight[cid]:
                 del here.client_inflight[cid]  # bounded: only clients with requests in flight
+
+    async def execute(request: Request, req: EngineRequest) -> Result:
+        async with admitted(request, req) as req:
+            return await asyncio.wait_for(
+                state().backend.run(req), state().limits.request_timeout_s
+            )
+
+    async def stream_items(
+        request: Request, req: EngineRequest
+    ) -> AsyncGenerator[str | Result, None]:
+        """The backend's text deltas, then the result, all within the request timeout."""
+        loop = asyncio.get_running_loop()
+        async with admitted(request, req) as req:
+            items = state().backend.stream(req)
+            deadline = loop.time() + state().limits.request_timeout_s
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(anext(items), deadline - loop.time())
+                    except StopAsyncIteration:
+                        return
+                    yield item
+            finally:
+                await items.aclose()
+
+    async def open_stream(
+        request: Request, req: EngineRequest
+    ) -> AsyncGenerator[str | Result, None]:
+        """`stream_items`, started: an error before the first delta (a bad request, a full
+        queue, a timeout) is still an HTTP error with its status; later ones are SSE events."""
+        items = stream_items(request, req)
+        first = await anext(items)
+
+        async def resumed() -> AsyncGenerator[str | Result, None]:
+            try:
+                yield first
+                async for item in items:
+                    yield item
+            finally:
+                await items.aclose()
+
+        return resumed()
+
+    async def sse(
+        request: Request, items: AsyncGenerator[str | Result, None], chunks: Chunks
+    ) -> AsyncIterator[str]:
+        """Server-sent events as the OpenAI API sends them: `data: {chunk}` per delta, a last
+        chunk with the finish reason, `data: [DONE]`; an error after the first byte is an event
+        `data: {"error": {...}}` (what the openai client raises as APIError) and ends the stream."""
+        try:
+            for chunk in chunks.start():
+                yield event(chunk)
+            async for item in items:
+                if isinstance(item, str):
+                    yield event(chunks.delta(item))
+                else:
+                    for chunk in chunks.finish(item):
+                        yield event(chunk)
+            yield DONE
+        except HTTPException as err:
+            yield event(stream_error(request_id(request), err.status_code, str(err.detail)))
+        except Exception as err:
+            rid = request_id(request)
+            log.error("request %s failed while streaming", rid, exc_info=err)
+            yield event(stream_error(rid, 500, internal_error(rid)))
+        finally:
+            await items.aclose()
 
     def weights(r: Result) -> s.Weights:
         return s.Weights(global_adapter=r.global_weight, local_adapter=r.local_weight)
@@ -307,26 +397,45 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         )
 
     async def complete(
-        request: Request, model: str, prompt: str, max_tokens: int | None, creds, what: str
-    ) -> tuple[int, str, Result]:
-        """A completion of `prompt` (the body field `what`) by the client named `model`."""
+        request: Request,
+        model: str,
+        prompt: str,
+        max_tokens: int | None,
+        creds: Creds,
+        what: str,
+        stream: Chunks | None,
+    ) -> Result | StreamingResponse:
+        """A completion of `prompt` (the body field `what`) by the client named `model`; streamed
+        as server-sent events when `stream` gives the chunks to send."""
         cid = parse_client(model)
         await authorize(request, cid, creds)
         info = await known(request, cid)
         check_text(what, prompt, state().limits.max_prompt_chars)
-        if info["kind"] == "causal_lm":
-            limit = new_tokens(max_tokens, state().limits)
-            req = EngineRequest(cid, Example(prompt, "", "request"), "generate", None, limit)
-            r = await execute(request, req)
-            return cid, r.text, r
-        example = mc_example(prompt, None)
-        r = await execute(request, EngineRequest(cid, example, "predict"))
-        return cid, r.choice, r
+        if info["kind"] != "causal_lm":
+            if stream is not None:
+                raise HTTPException(
+                    422,
+                    "stream: this run's model is multiple_choice: it picks one of the OPTIONS "
+                    "in one step and cannot stream; send stream: false",
+                )
+            example = mc_example(prompt, None)
+            return await execute(request, EngineRequest(cid, example, "predict"))
+        limit = new_tokens(max_tokens, state().limits)
+        req = EngineRequest(cid, Example(prompt, "", "request"), "generate", None, limit)
+        if stream is None:
+            return await execute(request, req)
+        items = await open_stream(request, req)
+        return StreamingResponse(
+            sse(request, items, stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
-    def openai_body(kind: str, model: str, prompt: str, text: str, chat: bool) -> dict:
+    def openai_body(kind: str, model: str, prompt: str, r: Result, chat: bool) -> dict:
+        text = r.text or r.choice
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        choice: dict = {"index": 0, "finish_reason": "stop"}
+        choice: dict = {"index": 0, "finish_reason": r.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -340,23 +449,39 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             "usage": usage,
         }
 
+    def chunks_for(
+        body: s.CompletionRequest | s.ChatCompletionRequest, chat: bool
+    ) -> Chunks | None:
+        if not body.stream:
+            return None
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return Chunks(body.model, chat, include_usage)
+
     @app.post("/v1/completions")
     async def completions(
         body: s.CompletionRequest,
         request: Request,
         creds: Creds,
-    ) -> JSONResponse:
-        _, text, _ = await complete(
-            request, body.model, body.prompt, body.max_tokens, creds, "prompt"
+    ) -> Response:
+        r = await complete(
+            request,
+            body.model,
+            body.prompt,
+            body.max_tokens,
+            creds,
+            "prompt",
+            chunks_for(body, chat=False),
         )
-        return JSONResponse(openai_body("cmpl", body.model, body.prompt, text, chat=False))
+        if isinstance(r, StreamingResponse):
+            return r
+        return JSONResponse(openai_body("cmpl", body.model, body.prompt, r, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat(
         body: s.ChatCompletionRequest,
         request: Request,
         creds: Creds,
-    ) -> JSONResponse:
+    ) -> Response:
         if len(body.messages) > state().limits.max_messages:
             raise HTTPException(
                 413,
@@ -368,15 +493,18 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         )
         if not prompt.strip():
             raise HTTPException(422, "messages: at least one non-empty user message is required")
-        _, text, _ = await complete(
+        r = await complete(
             request,
             body.model,
             prompt,
             body.max_completion_tokens or body.max_tokens,
             creds,
             "messages",
+            chunks_for(body, chat=True),
         )
-        return JSONResponse(openai_body("chatcmpl", body.model, prompt, text, chat=True))
+        if isinstance(r, StreamingResponse):
+            return r
+        return JSONResponse(openai_body("chatcmpl", body.model, prompt, r, chat=True))
 
     @app.get("/v1/models")
     async def models(request: Request, creds: Creds) -> dict:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from feddpa.core.storage import latest_checkpoint
 from feddpa.serving.app import AppState, Limits, build_app
@@ -41,7 +43,9 @@ class ServeOptions:
 class Personalizer:
     def __init__(self, options: ServeOptions) -> None:
         self.engine = ServingEngine(options.run_dir, options.capacity)
-        self.batcher = Batcher(self.engine.run_batch, options.max_batch_size, options.batch_wait_s)
+        self.batcher: Batcher[Request, Result] = Batcher(
+            self.engine.run_batch, options.max_batch_size, options.batch_wait_s
+        )
 
     async def run(self, req: Request) -> Result | Failure:
         """The result, or a `Failure` returned (not raised: Ray would wrap an exception in its
@@ -52,6 +56,16 @@ class Personalizer:
             return await self.batcher.submit(req)
         except Exception as err:
             return failure_of(err, req.request_id)
+
+    async def stream(self, req: Request) -> AsyncGenerator[str | Result | Failure, None]:
+        """`run`, streamed: the text deltas as the batch decodes them, then the result; or a
+        `Failure` (first, if the request is refused), as data like `run`'s."""
+        try:
+            await asyncio.to_thread(self.engine.validate, req)
+            async for item in self.batcher.stream(req):
+                yield item
+        except Exception as err:
+            yield failure_of(err, req.request_id)
 
     def batch_sizes(self) -> dict[int, int]:
         """{batch size: batches run} so far (benchmarks, tests)."""
@@ -75,6 +89,25 @@ class RayBackend:
         if isinstance(out, Failure):
             raise ServingError(out)
         return out
+
+    async def stream(self, req: Request) -> AsyncGenerator[str | Result, None]:
+        # a handle call to a generator method must be made with stream=True (Ray Serve)
+        call = self.handle.options(stream=True).stream.remote(req)
+        items = cast(DeploymentResponseGenerator, call)  # what stream=True returns
+        finished = False
+        try:
+            async for item in items:
+                if isinstance(item, Failure):
+                    raise ServingError(item)
+                yield item
+            finished = True
+        except ServingError:
+            raise
+        except Exception as err:
+            raise ServingError(ray_failure(err, req.request_id)) from None
+        finally:
+            if not finished:
+                items.cancel()  # the caller went away (or a Failure ended it): stop the replica
 
     async def describe(self) -> dict:
         return await self.handle.describe.remote()

@@ -42,6 +42,7 @@ from feddpa.core.adapters import (
 from feddpa.core.config import WeightingConfig, WeightMode, load_config
 from feddpa.core.evaluation import ClientWeighting, query_representations
 from feddpa.core.models import build_task_model
+from feddpa.core.models.causal import TextSink
 from feddpa.core.records import Example
 from feddpa.core.stack import LocalStack
 from feddpa.core.storage import (
@@ -111,6 +112,9 @@ class Result:
     probs: list[float] = field(default_factory=list)
     choice: str = ""
     text: str = ""
+    prompt_tokens: int = 0  # the run's tokenizer: what the model read for the prompt
+    completion_tokens: int = 0  # generated tokens (stop token included), or the chosen option's
+    finish_reason: str = "stop"  # or "length": generation reached max_new_tokens
 
 
 class ServingEngine:
@@ -333,18 +337,22 @@ class ServingEngine:
             if count > req.max_prompt_tokens:
                 raise TooLarge(f"prompt has {count} tokens; the limit is {req.max_prompt_tokens}")
 
-    def run_batch(self, requests: list[Request]) -> list[Result]:
-        """Serve a batch of (possibly) many clients' requests in one pass."""
+    def run_batch(self, requests: list[Request], on_text: TextSink | None = None) -> list[Result]:
+        """Serve a batch of (possibly) many clients' requests in one pass. `on_text(i, delta)`
+        receives the generated text of `requests[i]` as it is decoded (streaming)."""
         with self.lock, torch.no_grad():
             self.refresh()
             slots = self.slots_for([r.client_id for r in requests])
             route = Mix(0.0, 1.0, torch.tensor([s.index for s in slots]), self.stack)
             try:
-                return self._run(requests, self._weights(requests, slots, route))
+                return self._run(requests, self._weights(requests, slots, route), on_text)
             finally:
                 self.shrink()
 
-    def _run(self, requests: list[Request], mix: Mix) -> list[Result]:
+    def _count(self, text: str, special: bool) -> int:
+        return len(self.model.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _run(self, requests: list[Request], mix: Mix, on_text: TextSink | None) -> list[Result]:
         wg, wl = mix.as_rows(len(requests))
         results = [
             Result(r.client_id, float(wg[i]), float(wl[i]), self.version)
@@ -358,21 +366,28 @@ class ServingEngine:
             for i, ex, p in zip(predict, examples, probs, strict=True):
                 results[i].probs = p.tolist()
                 results[i].choice = ex.options[int(p.argmax())]
+                results[i].prompt_tokens = self._count(self.model.query_text(ex), special=True)
+                results[i].completion_tokens = self._count(results[i].choice, special=False)
         if generate:
-            gen_fn = getattr(self.model, "generate", None)
+            gen_fn = getattr(self.model, "generate_rows", None)
             if gen_fn is None:
                 raise ValueError(
                     "this run's model is multiple_choice: it scores OPTIONS, it does not generate"
                 )
             for (tokens, beams), rows in self._decoding_groups(requests, generate).items():
-                texts = gen_fn(
+                sink = None if on_text is None else _rows_to_requests(on_text, rows)
+                generated = gen_fn(
                     [requests[i].example for i in rows],
                     mix.rows(torch.tensor(rows)),
                     max_new_tokens=tokens,
                     num_beams=beams,
+                    on_text=sink,
                 )
-                for i, text in zip(rows, texts, strict=True):
-                    results[i].text = text
+                for i, g in zip(rows, generated, strict=True):
+                    results[i].text = g.text
+                    results[i].prompt_tokens = g.prompt_tokens
+                    results[i].completion_tokens = g.completion_tokens
+                    results[i].finish_reason = g.finish_reason
         return results
 
     def _decoding_groups(
@@ -387,6 +402,11 @@ class ServingEngine:
             beams = min(evaluation.num_beams, req.max_beams or evaluation.num_beams)
             groups.setdefault((tokens, beams), []).append(i)
         return groups
+
+
+def _rows_to_requests(on_text: TextSink, rows: list[int]) -> TextSink:
+    """A decoding group's row k is the batch's request rows[k]."""
+    return lambda k, delta: on_text(rows[k], delta)
 
 
 def _shapes(state: AdapterState) -> dict[str, tuple[int, ...]]:

@@ -78,13 +78,19 @@ class ClientsResponse(BaseModel):
     model_kind: str
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = Field(False, description="a last chunk with the usage, no choices")
+
+
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # sampling knobs of OpenAI clients are accepted
     model: str = Field(..., min_length=1, description="the client id, e.g. 'client-3' or '3'")
     prompt: Text = Field(..., min_length=1)
     max_tokens: int | None = Field(16, ge=1, le=4096)
     n: int = Field(1, ge=1, le=1)
-    stream: Literal[False] = False
+    stream: bool = Field(False, description="server-sent events (causal_lm runs only)")
+    stream_options: StreamOptions | None = None
 
 
 class ChatMessage(BaseModel):
@@ -100,7 +106,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=4096)
     max_completion_tokens: int | None = Field(None, ge=1, le=4096)
     n: int = Field(1, ge=1, le=1)
-    stream: Literal[False] = False
+    stream: bool = Field(False, description="server-sent events (causal_lm runs only)")
+    stream_options: StreamOptions | None = None
 
 
 class ErrorBody(BaseModel):

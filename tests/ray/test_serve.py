@@ -18,6 +18,8 @@ import pytest
 import torch
 from serving_fixtures import (
     Reference,
+    causal_engine,
+    causal_run,
     commit_scaled_global,
     free_port,
     mc_engine,
@@ -159,6 +161,55 @@ def test_errors_raised_in_the_replica_reach_the_client_as_plain_json(served):
     assert body["detail"].startswith("prompt has") and "the limit is 1024" in body["detail"]
     assert body["request_id"] == r.headers["x-request-id"]
     assert "ray::" not in r.text and "\\u001b" not in r.text and "actor_id" not in r.text
+
+
+@pytest.fixture(scope="module")
+def served_causal(served, tmp_path_factory, tiny_llama_dir) -> Iterator[str]:
+    """The causal-LM run as a second application under /causal on the same Serve proxy."""
+    from ray import serve
+
+    from feddpa.serving.deployment import ServeOptions, build_application
+
+    run_dir = causal_run(tmp_path_factory, tiny_llama_dir)
+    options = ServeOptions(run_dir=str(run_dir), cpus_per_replica=0.5)
+    serve.run(build_application(options), name="causal", route_prefix="/causal")
+    url = f"{served.url}/causal"
+    deadline = time.monotonic() + 60
+    while httpx2.get(f"{url}/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the causal app did not become healthy in 60 s"
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        serve.delete("causal")
+
+
+def test_openai_client_streams_through_serve(served_causal, tmp_path_factory, tiny_llama_dir):
+    """`stream=True` through the proxy, the ingress and a streaming handle call to the
+    Personalizer (`handle.options(stream=True)`): the deltas join to the engine's text."""
+    prompt = "Tell me about the weather"
+    engine = causal_engine(tmp_path_factory, tiny_llama_dir)
+    with torch_threads(1):
+        want = engine.run_batch([Request(1, Example(prompt, "", "r"), "generate", None, 5)])[0]
+    oa = openai.OpenAI(base_url=f"{served_causal}/v1", api_key="unused", max_retries=0)
+    parts = list(oa.completions.create(model="client-1", prompt=prompt, max_tokens=5, stream=True))
+    assert len(parts) > 2 and {p.object for p in parts} == {"text_completion"}
+    assert "".join(p.choices[0].text for p in parts) == want.text
+    assert parts[-1].choices[0].finish_reason == "length"
+    chunks = list(
+        oa.chat.completions.create(
+            model="client-1",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    with pytest.raises(openai.NotFoundError):  # refused before the stream starts
+        oa.completions.create(model="client-7", prompt=prompt, stream=True)
 
 
 def test_roll_out_under_load_fails_no_request_and_mixes_no_versions(served):

@@ -213,3 +213,59 @@ def test_generate_mode_scores_option_items_by_rouge(model):
             assert s == model.rouge.score(ex.output, p)["rouge1"].fmeasure
     finally:
         model.eval_cfg = EVAL
+
+
+def test_generate_rows_stream_each_rows_text_as_it_is_decoded(model, monkeypatch):
+    """Greedy rows stream live through transformers' streamer interface (deltas arrive while
+    `generate` runs); beam search cannot stream, so its rows are replayed token by token after.
+    Either way a row's deltas join to its text, and the text is what `generate` returns."""
+    randomize_adapters(model, seed=10)
+    mix = Mix(ROW_MIX.global_w[:2], ROW_MIX.local_w[:2])
+    running = [False]
+    real = model.peft.generate
+
+    def watched(**kwargs):
+        running[0] = True
+        try:
+            return real(**kwargs)
+        finally:
+            running[0] = False
+
+    monkeypatch.setattr(model.peft, "generate", watched)
+    for beams, live in ((1, True), (2, False)):
+        parts: dict[int, list[str]] = {0: [], 1: []}
+        during: list[bool] = []
+
+        def sink(row: int, delta: str, parts=parts, during=during) -> None:
+            parts[row].append(delta)
+            during.append(running[0])
+
+        rows = model.generate_rows(FREE_ITEMS, mix, 6, beams, on_text=sink)
+        assert [g.text for g in rows] == model.generate(FREE_ITEMS, mix, 6, beams)
+        for row, g in enumerate(rows):
+            assert "".join(parts[row]) == g.text and len(parts[row]) > 1, beams
+            assert g.completion_tokens == 6 and g.finish_reason == "length"
+        assert set(during) == {live}, beams
+
+
+def test_a_row_ends_at_its_first_stop_token_which_is_counted(model, monkeypatch):
+    """`completion_tokens` counts the tokens generated up to and with the stop token; the text
+    and the streamed deltas end before it; `finish_reason` says why decoding ended."""
+    randomize_adapters(model, seed=11)
+    outputs = []
+    real = model.peft.generate
+    monkeypatch.setattr(
+        model.peft, "generate", lambda **kw: outputs.append(real(**kw)) or outputs[-1]
+    )
+    free = model.generate_rows(FREE_ITEMS[:1], GLOBAL_ONLY, 6, 1)[0]
+    prompt = model._prompt_batch([prompt_for(FREE_ITEMS[0].instruction)])["input_ids"]
+    assert free.prompt_tokens == prompt.shape[1] and free.finish_reason == "length"
+    new = outputs[0][0, prompt.shape[1] :].tolist()
+    k = next(k for k in range(1, len(new)) if new[k] not in new[:k])  # first seen at place k
+    monkeypatch.setattr(model, "_stop_ids", lambda: frozenset({new[k]}))
+    parts: list[str] = []
+    (stopped,) = model.generate_rows(
+        FREE_ITEMS[:1], GLOBAL_ONLY, 6, 1, on_text=lambda _, d: parts.append(d)
+    )
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens == k + 1
+    assert stopped.text == model.tokenizer.decode(new[:k]).strip() == "".join(parts)

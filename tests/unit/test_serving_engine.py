@@ -550,3 +550,151 @@ def test_rows_without_local_weight_share_option_encodings_across_clients():
     assert alone.texts == ["yes", "no", "maybe"] and alone.index == [[0, 1, 2], [0, 1, 2]]
     mixed = option_rows([ex, ex], Mix(torch.full((2,), 0.5), torch.full((2,), 0.5), route))
     assert len(mixed.texts) == 6  # the local adapters differ: one encoding per client
+
+
+# --- streaming: engine, batcher, the Personalizer and its Ray handle ------------------------------
+
+
+def test_streamed_batch_hands_each_request_its_own_deltas(causal):
+    """`on_text(i, delta)` gets request i's text as it is decoded, greedy rows and beam rows
+    alike, in a batch of several clients; the deltas join to the request's result text."""
+    engine, _ = causal
+    requests = [
+        Request(0, Example(PROMPTS[0], "", "request"), "generate", None, 4),
+        Request(1, Example(PROMPTS[1], "", "request"), "generate", "fixed", 4),
+        Request(1, Example(PROMPTS[2], "", "request"), "generate", None, 3, max_beams=1),
+    ]
+    parts: dict[int, list[str]] = {i: [] for i in range(len(requests))}
+    batch = engine.run_batch(requests, lambda i, delta: parts[i].append(delta))
+    for i, (req, result) in enumerate(zip(requests, batch, strict=True)):
+        assert "".join(parts[i]) == result.text == serve_one(engine, req).text
+        assert len(parts[i]) > 1  # token-sized deltas
+        assert result.completion_tokens == req.max_new_tokens and result.finish_reason == "length"
+
+
+def _fake_batch(requests: list[str], on_text=None) -> list[str]:
+    """A batch function that streams each request's text in two deltas (the text: 'req!')."""
+    if "bad" in requests and len(requests) > 1:
+        if on_text is not None:
+            for i in range(len(requests)):
+                on_text(i, requests[i][:2])  # some text goes out before the batch fails
+        raise ValueError("bad request")
+    if "bad" in requests:
+        raise ValueError("bad request")
+    for i, req in enumerate(requests):
+        if on_text is not None:
+            on_text(i, req[:2])
+            on_text(i, req[2:] + "!")
+    return [req + "!" for req in requests]
+
+
+def test_batcher_streams_deltas_then_the_result_next_to_plain_requests():
+    import asyncio
+
+    from feddpa.serving.batcher import Batcher
+
+    async def scenario():
+        batcher = Batcher(_fake_batch, max_batch_size=8, wait_s=0.05)
+
+        async def collect(req: str) -> list[str]:
+            return [item async for item in batcher.stream(req)]
+
+        return await asyncio.gather(collect("alpha"), batcher.submit("plain"), collect("beta"))
+
+    alpha, plain, beta = asyncio.run(scenario())
+    assert alpha == ["al", "pha!", "alpha!"] and beta == ["be", "ta!", "beta!"]
+    assert plain == "plain!"
+
+
+def test_a_streamed_request_rerun_alone_sends_no_text_twice():
+    """A batch that fails is rerun member by member; text a stream already sent is not sent
+    again, and the culprit's stream ends with its own error."""
+    import asyncio
+
+    from feddpa.serving.batcher import Batcher
+
+    async def scenario():
+        batcher = Batcher(_fake_batch, max_batch_size=8, wait_s=0.05)
+
+        async def collect(req: str) -> list[str]:
+            out = []
+            try:
+                async for item in batcher.stream(req):
+                    out.append(item)
+            except ValueError as err:
+                out.append(f"error: {err}")
+            return out
+
+        return await asyncio.gather(collect("alpha"), collect("bad"))
+
+    alpha, bad = asyncio.run(scenario())
+    assert alpha == ["al", "pha!", "alpha!"]
+    assert bad == ["ba", "error: bad request"]
+
+
+def test_the_personalizer_streams_and_the_ray_backend_relays(causal):
+    """Inside the replica: deltas then the result, or a Failure as data. On the ingress side the
+    handle is called with `options(stream=True)` (Ray Serve needs it for a generator method), a
+    Failure is raised as itself and a failing call becomes a plain error."""
+    import asyncio
+
+    from feddpa.serving.batcher import Batcher
+    from feddpa.serving.deployment import Personalizer, RayBackend
+    from feddpa.serving.engine import Result
+    from feddpa.serving.errors import Failure, ServingError
+
+    engine, _ = causal
+    replica = Personalizer.__new__(Personalizer)  # the replica's state without a Serve actor
+    replica.engine = engine
+    replica.batcher = Batcher(engine.run_batch, 4, 0.0)
+    req = Request(0, Example(PROMPTS[0], "", "r"), "generate", None, 4, request_id="r1")
+
+    async def drain(items) -> list:
+        return [item async for item in items]
+
+    items = asyncio.run(drain(replica.stream(req)))
+    *deltas, result = items
+    assert isinstance(result, Result) and "".join(deltas) == result.text and len(deltas) > 1
+    unknown = asyncio.run(drain(replica.stream(Request(9, req.example, "generate"))))
+    assert unknown == [Failure(404, "unknown client 9: use an id from GET /v1/clients")]
+
+    class Handle:
+        def __init__(self, outcome: list) -> None:
+            self.outcome, self.streaming, self.cancelled = outcome, False, False
+
+        def options(self, stream: bool = False):
+            self.streaming = stream
+            return self
+
+        @property
+        def stream(self):
+            return self
+
+        def remote(self, req):
+            assert self.streaming, "a generator method needs handle.options(stream=True)"
+            return self
+
+        def __aiter__(self):
+            async def gen():
+                for item in self.outcome:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield item
+
+            return gen()
+
+        def cancel(self):
+            self.cancelled = True
+
+    handle = Handle(items)
+    assert asyncio.run(drain(RayBackend(handle).stream(req))) == items
+    assert not handle.cancelled
+    for outcome, status in (
+        (["Hel", Failure(413, "too long")], 413),
+        (["Hel", RuntimeError("ray::ServeReplica (pid=1)")], 500),
+    ):
+        handle = Handle(outcome)
+        with pytest.raises(ServingError) as err:
+            asyncio.run(drain(RayBackend(handle).stream(req)))
+        assert err.value.failure.status == status and "ray::" not in err.value.failure.message
+        assert handle.cancelled

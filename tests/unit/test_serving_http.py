@@ -8,6 +8,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -678,6 +679,182 @@ def test_openai_completions_generate_on_a_causal_run(causal):
         r = c.post("/v1/clients/1/generate", json={"prompt": prompt, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["text"] == want.text
         assert r.json()["version"] == causal.version
+
+
+# --- streaming (server-sent events, as the OpenAI API sends them) ----------------------------------
+
+
+def sse_chunks(response) -> list[dict]:
+    """The JSON chunks of an SSE body; asserts the framing (`data: ...` events, `[DONE]` last)."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.text.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]", events[-3:]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+
+
+def generated(engine: ServingEngine, cid: int, prompt: str, max_tokens: int):
+    """The engine's own non-streamed answer for a generation request."""
+    req = Request(cid, Example(prompt, "", "request"), "generate", None, max_tokens)
+    return engine.run_batch([req])[0]
+
+
+def test_completions_stream_text_completion_chunks(causal):
+    prompt = "Tell me about the weather"
+    want = generated(causal, 1, prompt, 5)
+    with make_client(causal) as c:
+        body = {"model": "client-1", "prompt": prompt, "max_tokens": 5, "stream": True}
+        r = c.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    chunks = sse_chunks(r)
+    assert len(chunks) >= 3  # token-sized deltas and the last chunk, not one blob
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert len({c["id"] for c in chunks}) == 1 and {c["model"] for c in chunks} == {"client-1"}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        assert choice["index"] == 0 and choice["finish_reason"] is None and choice["text"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want.text
+    assert chunks[-1]["choices"][0]["finish_reason"] == want.finish_reason == "length"
+
+
+def test_chat_stream_opens_with_the_role_and_ends_with_the_finish_reason(causal):
+    from openai.types.chat import ChatCompletionChunk
+
+    prompt = "Say something nice"
+    want = generated(causal, 0, prompt, 4)
+    with make_client(causal) as c:
+        messages = [{"role": "user", "content": prompt}]
+        body = {"model": "client-0", "messages": messages, "max_tokens": 4, "stream": True}
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    chunks = [ChatCompletionChunk.model_validate(c) for c in sse_chunks(r)]
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    first, last = chunks[0].choices[0], chunks[-1].choices[0]
+    assert first.delta.role == "assistant" and first.delta.content == ""
+    assert all(c.choices[0].delta.role is None for c in chunks[1:])
+    assert last.finish_reason == "length" and last.delta.content is None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_stream_options_include_usage_adds_a_usage_chunk(causal):
+    prompt = "Tell me about the weather"
+    want = generated(causal, 1, prompt, 3)
+    with make_client(causal) as c:
+        body = {"model": "1", "prompt": prompt, "max_tokens": 3, "stream": True}
+        r = c.post("/v1/completions", json={**body, "stream_options": {"include_usage": True}})
+    chunks = sse_chunks(r)
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": want.prompt_tokens,
+        "completion_tokens": 3,
+        "total_tokens": want.prompt_tokens + 3,
+    }
+
+
+def test_multiple_choice_runs_refuse_to_stream_with_422(client):
+    r = client.post("/v1/completions", json={"model": "client-1", "prompt": PROMPT, "stream": True})
+    assert r.status_code == 422 and "cannot stream" in r.json()["detail"]
+    messages = [{"role": "user", "content": PROMPT}]
+    r = client.post(
+        "/v1/chat/completions", json={"model": "client-1", "messages": messages, "stream": True}
+    )
+    assert r.status_code == 422 and "send stream: false" in r.json()["detail"]
+
+
+def test_errors_before_the_first_chunk_keep_their_status(causal):
+    """A stream is started only when its first delta is there: a request refused by the engine or
+    by a limit still gets its HTTP status and JSON error, not a broken event stream."""
+    with make_client(causal, limits=Limits(max_prompt_tokens=5)) as c:
+        body = {"model": "client-0", "prompt": "word " * 20, "stream": True}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 413 and "the limit is 5" in r.json()["detail"]
+        r = c.post("/v1/completions", json={**body, "model": "client-9"})
+        assert r.status_code == 404
+
+
+class _BreaksMidStream(_Raising):
+    """A causal backend whose stream fails after its first delta."""
+
+    async def describe(self) -> dict:
+        return {**await super().describe(), "kind": "causal_lm"}
+
+    async def stream(self, req: Request):
+        yield "Hello"
+        raise self.error
+
+
+def test_an_error_mid_stream_is_an_error_event_the_openai_client_raises():
+    from feddpa.serving.errors import Failure, ServingError
+
+    failure = Failure(503, "a model replica is restarting", retry=True)
+    state = AppState(_BreaksMidStream(ServingError(failure)))
+    with TestClient(build_app(lambda: state)) as c:
+        r = c.post("/v1/completions", json={"model": "0", "prompt": "Hi", "stream": True})
+        assert r.status_code == 200
+        events = r.text.split("\n\n")
+        assert "[DONE]" not in r.text  # the stream did not complete
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error == {
+            "message": "a model replica is restarting",
+            "code": 503,
+            "request_id": r.headers["x-request-id"],
+        }
+        stream = openai_client(c).completions.create(model="client-0", prompt="Hi", stream=True)
+        with pytest.raises(openai.APIError, match="a model replica is restarting"):
+            list(stream)
+    assert state.inflight == 0 and not state.client_inflight  # the slots were given back
+
+
+@contextmanager
+def uvicorn_server(app) -> Iterator[str]:
+    """The app served by uvicorn on 127.0.0.1 (a free port) in a thread; stopped on exit."""
+    import threading
+
+    import uvicorn
+    from serving_fixtures import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped before it started"
+            thread.join(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_openai_client_streams_from_a_real_server(causal):
+    """The unmodified client with stream=True over a real socket (uvicorn on 127.0.0.1)."""
+    prompt = "Tell me about the weather"
+    want = generated(causal, 1, prompt, 5)
+    state = AppState(LocalBackend(causal))
+    with uvicorn_server(build_app(lambda: state)) as url:
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        parts = list(
+            oa.completions.create(model="client-1", prompt=prompt, max_tokens=5, stream=True)
+        )
+        assert "".join(p.choices[0].text for p in parts) == want.text
+        assert parts[-1].choices[0].finish_reason == "length"
+        chat = oa.chat.completions.create(
+            model="client-1",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(chat)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == want.text and chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+        with pytest.raises(openai.UnprocessableEntityError):
+            oa.completions.create(model="client-1", prompt=prompt, max_tokens=99999, stream=True)
+    assert state.inflight == 0
 
 
 # --- schemathesis over the OpenAPI document ---------------------------------------------------------

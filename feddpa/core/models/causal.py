@@ -9,9 +9,13 @@ hidden state of the last prompt token, local adapter only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from feddpa.core.adapters import LOCAL_ONLY, Mix, attach_dual_adapters, mixed
 from feddpa.core.config import EvalConfig, LoraSettings, ModelConfig
@@ -22,8 +26,63 @@ PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 IGNORE = -100
 
 
+TextSink = Callable[[int, str], None]  # (row, text delta)
+
+
 def prompt_for(instruction: str) -> str:
     return PROMPT.format(instruction=instruction)
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    prompt_tokens: int  # tokens the model read (special tokens included, after the length cut)
+    completion_tokens: int  # tokens generated, the stop token included
+    finish_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
+
+
+class RowText(BaseStreamer):
+    """Per-row text deltas of a batched generate. transformers calls `put` with the prompt ids
+    (B, T) first, then with each step's new tokens (B,); rows that stopped get padding, ignored
+    here. A row's text is decoded whole at each step and only its new end is handed on; trailing
+    whitespace and an unfinished character (U+FFFD) are held back until more text follows, so the
+    deltas join up to the stripped text `generate` returns."""
+
+    def __init__(self, tokenizer, stops: frozenset[int], on_text: TextSink) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.on_text = on_text
+        self.ids: list[list[int]] = []
+        self.sent: list[str] = []
+        self.done: list[bool] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            rows = value.shape[0]
+            self.ids, self.sent, self.done = [[] for _ in range(rows)], [""] * rows, [False] * rows
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            if token in self.stops:
+                self.done[row] = True
+                continue
+            self.ids[row].append(token)
+            self._emit(row, final=False)
+
+    def end(self) -> None:
+        for row in range(len(self.ids)):
+            self._emit(row, final=True)
+
+    def _emit(self, row: int, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True).lstrip()
+        text = text.rstrip() if final else text.rstrip().rstrip("\ufffd")
+        sent = self.sent[row]
+        if len(text) > len(sent) and text.startswith(sent):
+            self.sent[row] = text
+            self.on_text(row, text[len(sent) :])
 
 
 class CausalLMModel:
@@ -113,8 +172,25 @@ class CausalLMModel:
         num_beams: int | None = None,
     ) -> list[str]:
         """Beam search (the eval settings unless given) from each example's prompt."""
+        return [g.text for g in self.generate_rows(examples, mix, max_new_tokens, num_beams)]
+
+    @torch.no_grad()
+    def generate_rows(
+        self,
+        examples: list[Example],
+        mix: Mix,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        on_text: TextSink | None = None,
+    ) -> list[Generated]:
+        """`generate` with token counts and why each row stopped. `on_text(row, delta)` receives
+        each row's text as it is decoded: token by token during greedy decoding (transformers'
+        streamer interface), or after beam search (which cannot stream) token by token from the
+        finished sequences. The deltas of a row join up to its `text`."""
         batch = self._prompt_batch([prompt_for(e.instruction) for e in examples])
         beams = num_beams or self.eval_cfg.num_beams
+        stops = self._stop_ids()
+        parts = None if on_text is None else RowText(self.tokenizer, stops, on_text)
         with mixed(self.peft, mix.rows(repeat=beams)):
             out = self.peft.generate(
                 **batch,
@@ -122,9 +198,29 @@ class CausalLMModel:
                 do_sample=False,
                 max_new_tokens=max_new_tokens or self.eval_cfg.max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
+                streamer=parts if beams == 1 else None,
             )
-        new = out[:, batch["input_ids"].shape[1] :]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        new = out[:, batch["input_ids"].shape[1] :].cpu()  # (B, T): pad after a row's EOS
+        if parts is not None and beams > 1:
+            parts.put(batch["input_ids"].cpu())  # the prompt, as generate hands it first
+            for step in new.T:
+                parts.put(step)
+            parts.end()
+        prompt_tokens = batch["attention_mask"].sum(1).tolist()
+        rows = []
+        for ids, n_prompt in zip(new.tolist(), prompt_tokens, strict=True):
+            end = next((k for k, t in enumerate(ids) if t in stops), None)
+            text_ids = ids if end is None else ids[:end]
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=True).strip()
+            reason, count = ("length", len(ids)) if end is None else ("stop", end + 1)
+            rows.append(Generated(text, int(n_prompt), count, reason))
+        return rows
+
+    def _stop_ids(self) -> frozenset[int]:
+        """Token ids that end a sequence: the tokenizer's EOS and the generation config's."""
+        configured = self.peft.generation_config.eos_token_id
+        ids = configured if isinstance(configured, list) else [configured]
+        return frozenset(i for i in [*ids, self.tokenizer.eos_token_id] if i is not None)
 
     @torch.no_grad()
     def option_loglik(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
