@@ -40,7 +40,7 @@ from feddpa.serving.engine import Result, ServingEngine
 from feddpa.serving.errors import ServingError, failure_of, internal_error
 from feddpa.serving.guard import Guard
 from feddpa.serving.limits import Limits, check_options, check_text, new_tokens
-from feddpa.serving.openai_compat import DONE, Chunks, event, stream_error
+from feddpa.serving.openai_compat import DONE, Chunks, event, stream_error, usage
 
 __all__ = ["AppState", "Backend", "Limits", "LocalBackend", "build_app"]
 log = logging.getLogger(__name__)
@@ -433,8 +433,6 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
 
     def openai_body(kind: str, model: str, prompt: str, r: Result, chat: bool) -> dict:
         text = r.text or r.choice
-        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         choice: dict = {"index": 0, "finish_reason": r.finish_reason}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -446,7 +444,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             "created": int(time.time()),
             "model": model,
             "choices": [choice],
-            "usage": usage,
+            "usage": usage(r),
         }
 
     def chunks_for(

@@ -857,6 +857,33 @@ def test_openai_client_streams_from_a_real_server(causal):
     assert state.inflight == 0
 
 
+def test_usage_counts_tokens_of_the_runs_tokenizer(client, engine, causal):
+    """`usage` was a word count; now the run's tokenizer: the prompt as the model reads it and the
+    tokens generated (or, for multiple choice, the chosen option's tokens)."""
+    prompt = "Tell me about the weather, please, in twenty words or so"
+    with make_client(causal) as c:
+        body = c.post("/v1/completions", json={"model": "1", "prompt": prompt, "max_tokens": 3})
+    tok = causal.model.tokenizer
+    prompt_tokens = len(tok(causal.model.query_text(Example(prompt, "", "r")))["input_ids"])
+    assert body.json()["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 3,
+        "total_tokens": prompt_tokens + 3,
+    }
+    assert prompt_tokens != len(prompt.split())
+    messages = [{"role": "user", "content": PROMPT}]
+    chat = client.post("/v1/chat/completions", json={"model": "2", "messages": messages}).json()
+    choice = chat["choices"][0]["message"]["content"]
+    tok = engine.model.tokenizer
+    want_prompt = len(tok(engine.model.query_text(Example(PROMPT, "", "r")))["input_ids"])
+    want_completion = len(tok(choice, add_special_tokens=False)["input_ids"])
+    assert chat["usage"] == {
+        "prompt_tokens": want_prompt,
+        "completion_tokens": want_completion,
+        "total_tokens": want_prompt + want_completion,
+    }
+
+
 # --- schemathesis over the OpenAPI document ---------------------------------------------------------
 
 
