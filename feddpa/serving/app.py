@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import Counter as CounterOf
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -40,7 +39,15 @@ from feddpa.serving.engine import Result, ServingEngine
 from feddpa.serving.errors import ServingError, failure_of, internal_error
 from feddpa.serving.guard import Guard
 from feddpa.serving.limits import Limits, check_options, check_text, new_tokens
-from feddpa.serving.openai_compat import DONE, Chunks, event, stream_error, usage
+from feddpa.serving.openai_compat import (
+    DONE,
+    STREAM_CONTENT,
+    Chunks,
+    chat_body,
+    completion_body,
+    event,
+    stream_error,
+)
 
 __all__ = ["AppState", "Backend", "Limits", "LocalBackend", "build_app"]
 log = logging.getLogger(__name__)
@@ -98,7 +105,8 @@ class Metrics:
 
 
 ERROR_RESPONSES: dict[int | str, dict] = {
-    code: {"model": s.ErrorBody} for code in (401, 403, 404, 413, 429, 503, 504)
+    **{code: {"model": s.ErrorBody} for code in (401, 403, 404, 413, 429, 503, 504)},
+    422: {"model": s.InvalidBody},
 }
 bearer = HTTPBearer(auto_error=False)
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -146,6 +154,7 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         description="Per-client personalized inference (FedDPA dual adapters)",
     )
     app.add_middleware(Guard, state=state, routes=app.router.routes)
+    started = int(time.time())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -431,22 +440,6 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
             headers={"Cache-Control": "no-cache"},
         )
 
-    def openai_body(kind: str, model: str, prompt: str, r: Result, chat: bool) -> dict:
-        text = r.text or r.choice
-        choice: dict = {"index": 0, "finish_reason": r.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice.update(text=text, logprobs=None)
-        return {
-            "id": f"{kind}-{uuid.uuid4().hex}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [choice],
-            "usage": usage(r),
-        }
-
     def chunks_for(
         body: s.CompletionRequest | s.ChatCompletionRequest, chat: bool
     ) -> Chunks | None:
@@ -455,12 +448,16 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return Chunks(body.model, chat, include_usage)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        response_model=s.CompletionResponse,
+        responses={**ERROR_RESPONSES, 200: STREAM_CONTENT},
+    )
     async def completions(
         body: s.CompletionRequest,
         request: Request,
         creds: Creds,
-    ) -> Response:
+    ) -> s.CompletionResponse | Response:
         r = await complete(
             request,
             body.model,
@@ -472,14 +469,18 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         )
         if isinstance(r, StreamingResponse):
             return r
-        return JSONResponse(openai_body("cmpl", body.model, body.prompt, r, chat=False))
+        return completion_body(body.model, r)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=s.ChatCompletionResponse,
+        responses={**ERROR_RESPONSES, 200: STREAM_CONTENT},
+    )
     async def chat(
         body: s.ChatCompletionRequest,
         request: Request,
         creds: Creds,
-    ) -> Response:
+    ) -> s.ChatCompletionResponse | Response:
         if len(body.messages) > state().limits.max_messages:
             raise HTTPException(
                 413,
@@ -502,16 +503,11 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
         )
         if isinstance(r, StreamingResponse):
             return r
-        return JSONResponse(openai_body("chatcmpl", body.model, prompt, r, chat=True))
+        return chat_body(body.model, r)
 
-    @app.get("/v1/models")
-    async def models(request: Request, creds: Creds) -> dict:
+    @app.get("/v1/models", response_model=s.ModelList, responses=ERROR_RESPONSES)
+    async def models(request: Request, creds: Creds) -> s.ModelList:
         listed = await clients(request, creds)
-        return {
-            "object": "list",
-            "data": [
-                {"id": c.model, "object": "model", "owned_by": "feddpa"} for c in listed.clients
-            ],
-        }
+        return s.ModelList(data=[s.ModelCard(id=c.model, created=started) for c in listed.clients])
 
     return app

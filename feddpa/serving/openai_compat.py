@@ -13,9 +13,23 @@ import json
 import time
 import uuid
 
+from feddpa.serving import schemas as s
 from feddpa.serving.engine import Result
 
 DONE = "data: [DONE]\n\n"
+STREAM_CONTENT: dict = {  # the OpenAPI entry of a 200 that may be an event stream
+    "description": "the completion; with `stream: true`, server-sent events (`data: {chunk}` "
+    "per text delta, then `data: [DONE]`)",
+    "content": {
+        "text/event-stream": {
+            "schema": {  # one event: its data is a JSON chunk, an error, or [DONE]
+                "type": "object",
+                "properties": {"data": {"type": "string"}},
+                "required": ["data"],
+            }
+        }
+    },
+}
 
 
 def event(chunk: dict) -> str:
@@ -28,13 +42,41 @@ def stream_error(request_id: str, status: int, message: str) -> dict:
     return {"error": {"message": message, "code": status, "request_id": request_id}}
 
 
-def usage(result: Result) -> dict:
+def usage(result: Result) -> s.Usage:
     """Token counts from the run's tokenizer (see `Result`)."""
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }
+    return s.Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+def _answer(result: Result) -> tuple[str, s.FinishReason]:
+    """The generated text (causal_lm) or the chosen option (multiple_choice), and why it ended."""
+    reason: s.FinishReason = "length" if result.finish_reason == "length" else "stop"
+    return result.text or result.choice, reason
+
+
+def completion_body(model: str, result: Result) -> s.CompletionResponse:
+    text, reason = _answer(result)
+    return s.CompletionResponse(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model,
+        choices=[s.CompletionChoice(text=text, finish_reason=reason)],
+        usage=usage(result),
+    )
+
+
+def chat_body(model: str, result: Result) -> s.ChatCompletionResponse:
+    text, reason = _answer(result)
+    return s.ChatCompletionResponse(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model,
+        choices=[s.ChatChoice(message=s.AssistantMessage(content=text), finish_reason=reason)],
+        usage=usage(result),
+    )
 
 
 class Chunks:
@@ -80,5 +122,5 @@ class Chunks:
     def finish(self, result: Result) -> list[dict]:
         last = [self._chunk([self._choice(None if self.chat else "", result.finish_reason)])]
         if self.include_usage:
-            last.append({**self._chunk([]), "usage": usage(result)})
+            last.append({**self._chunk([]), "usage": usage(result).model_dump()})
         return last

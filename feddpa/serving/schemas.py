@@ -113,3 +113,80 @@ class ChatCompletionRequest(BaseModel):
 class ErrorBody(BaseModel):
     detail: str = Field(..., description="what went wrong, in a sentence")
     request_id: str = Field(..., description="also the X-Request-ID header; the log has it too")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidBody(BaseModel):
+    """422: the fields at fault (the input is never echoed), or a sentence."""
+
+    detail: list[FieldError] | str
+    request_id: str
+
+
+# --- OpenAI-compatible responses (the fields the `openai` package's types read) --------------------
+
+FinishReason = Literal["stop", "length"]  # a stop token / max_tokens reached
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(
+        ..., description="the prompt as the model reads it (run's tokenizer)"
+    )
+    completion_tokens: int = Field(
+        ..., description="tokens generated (the stop token included), or the chosen option's"
+    )
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str = Field(..., description="client-N: the name to pass as `model`")
+    object: Literal["model"] = "model"
+    created: int = Field(..., description="when this server started (unix seconds)")
+    owned_by: str = "feddpa"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

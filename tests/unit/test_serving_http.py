@@ -17,7 +17,7 @@ import schemathesis
 import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import not_a_server_error, response_schema_conformance
 from serving_fixtures import causal_engine, mc_engine, torch_threads
 
 from feddpa.core.records import Example, format_options
@@ -884,6 +884,46 @@ def test_usage_counts_tokens_of_the_runs_tokenizer(client, engine, causal):
     }
 
 
+def test_openai_routes_answer_the_openai_packages_types(client, causal):
+    """Real responses validate against the `openai` package's own models, and the OpenAPI
+    document declares the response models (so schemathesis checks them too)."""
+    from openai.types import Completion, Model
+    from openai.types.chat import ChatCompletion
+
+    messages = [{"role": "user", "content": PROMPT}]
+    answers = [
+        (Completion, client.post("/v1/completions", json={"model": "1", "prompt": PROMPT})),
+        (
+            ChatCompletion,
+            client.post("/v1/chat/completions", json={"model": "1", "messages": messages}),
+        ),
+    ]
+    with make_client(causal) as c:
+        body = {"model": "0", "prompt": "Say hi", "max_tokens": 2}
+        answers.append((Completion, c.post("/v1/completions", json=body)))
+        chat = {"model": "0", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2}
+        answers.append((ChatCompletion, c.post("/v1/chat/completions", json=chat)))
+    for kind, r in answers:
+        assert r.status_code == 200, r.text
+        parsed = kind.model_validate(r.json(), strict=False)
+        assert parsed.usage is not None and parsed.usage.total_tokens > 0
+        assert parsed.choices[0].finish_reason in ("stop", "length")
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list"
+    assert [Model.model_validate(m).id for m in listed["data"]] == [f"client-{i}" for i in range(4)]
+
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, name in (
+        ("/v1/completions", "CompletionResponse"),
+        ("/v1/chat/completions", "ChatCompletionResponse"),
+    ):
+        ok = paths[path]["post"]["responses"]["200"]["content"]
+        assert ok["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}
+        assert "text/event-stream" in ok
+    ok = paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert ok["schema"] == {"$ref": "#/components/schemas/ModelList"}
+
+
 # --- schemathesis over the OpenAPI document ---------------------------------------------------------
 
 
@@ -924,7 +964,7 @@ def schema_state(request, tmp_path_factory, tiny_llama_dir) -> Iterator[None]:
 )
 def test_no_operation_answers_a_server_error(case, schema_state):
     aim_at_real_clients(case)
-    case.call_and_validate(checks=[not_a_server_error])
+    case.call_and_validate(checks=[not_a_server_error, response_schema_conformance])
 
 
 def aim_at_real_clients(case) -> None:
