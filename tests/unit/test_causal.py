@@ -269,3 +269,52 @@ def test_a_row_ends_at_its_first_stop_token_which_is_counted(model, monkeypatch)
     )
     assert stopped.finish_reason == "stop" and stopped.completion_tokens == k + 1
     assert stopped.text == model.tokenizer.decode(new[:k]).strip() == "".join(parts)
+
+
+def full_logits_loglik(model, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
+    """The previous scoring, as a reference: every option sequence in one right-padded forward
+    with full-vocabulary logits at every position, read at the answer positions."""
+    seqs, labels, owners = [], [], []
+    for i, ex in enumerate(examples):
+        prompt = model._ids(prompt_for(ex.instruction), special=True)
+        for opt in ex.options:
+            answer = model._ids(opt, special=False) + [model.tokenizer.eos_token_id]
+            seqs.append((prompt + answer)[-model.max_length :])
+            labels.append(([IGNORE] * len(prompt) + answer)[-model.max_length :])
+            owners.append(i)
+    batch = model._pad(seqs, labels, left=False)
+    with torch.no_grad(), mixed(model.peft, mix.rows(torch.tensor(owners))):
+        logits = model.peft(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE
+    logp = logits[:, :-1].float().log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1))
+    per_seq = (logp.squeeze(-1) * keep).sum(1) / keep.sum(1)
+    owner_t = torch.tensor(owners)
+    return [per_seq[owner_t == i] for i in range(len(examples))]
+
+
+def test_option_scores_compute_logits_only_at_answer_positions_in_chunks(model):
+    """Option scoring applies the LM head to the answer positions alone, `option_rows` sequences
+    per pass (memory bounded per pass), and equals full-logit scoring within float rounding."""
+    randomize_adapters(model, seed=12)
+    want = full_logits_loglik(model, MC_ITEMS, ROW_MIX)
+    head_inputs: list[tuple[int, ...]] = []
+    head = model.peft.get_base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, args, _out: head_inputs.append(args[0].shape))
+    longest = max(len(model._ids(o, special=False)) + 1 for ex in MC_ITEMS for o in ex.options)
+    try:
+        for rows in (32, 3):  # 3: an item's options are split across passes
+            model.option_rows = rows
+            head_inputs.clear()
+            got = model.option_loglik(MC_ITEMS, ROW_MIX)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+            n_options = sum(len(ex.options) for ex in MC_ITEMS)
+            assert len(head_inputs) == -(-n_options // rows)  # ceil: one pass per chunk
+            for shape in head_inputs:
+                assert shape[0] <= rows and shape[1] <= longest + 1, shape
+    finally:
+        hook.remove()
+        model.option_rows = 32

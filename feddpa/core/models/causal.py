@@ -92,6 +92,7 @@ class CausalLMModel:
         self.max_length = max_length
         self.eval_cfg = evaluation
         self.rouge = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+        self.option_rows = 32  # option sequences scored per forward pass (bounds memory)
 
     @classmethod
     def load(cls, cfg: ModelConfig, lora: LoraSettings, evaluation: EvalConfig) -> CausalLMModel:
@@ -124,7 +125,7 @@ class CausalLMModel:
             ids.append(fill + seq if left else seq + fill)
             mask.append([0] * gap + ones if left else ones + [0] * gap)
             if labels is not None:
-                labs.append(labels[i] + [IGNORE] * gap)
+                labs.append([IGNORE] * gap + labels[i] if left else labels[i] + [IGNORE] * gap)
         batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
         if labels is not None:
             batch["labels"] = torch.tensor(labs)
@@ -224,7 +225,10 @@ class CausalLMModel:
 
     @torch.no_grad()
     def option_loglik(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
-        """Per example: mean log-likelihood of each option's tokens given the prompt."""
+        """Per example: mean log-likelihood of each option's tokens given the prompt.
+
+        Memory is bounded per pass: option sequences go `option_rows` at a time, and logits are
+        computed only where they are read (the answer positions), never (rows, T, V)."""
         seqs, labels, owners = [], [], []
         for i, ex in enumerate(examples):
             prompt = self._ids(prompt_for(ex.instruction), special=True)
@@ -233,21 +237,46 @@ class CausalLMModel:
                 seqs.append((prompt + answer)[-self.max_length :])
                 labels.append(([IGNORE] * len(prompt) + answer)[-self.max_length :])
                 owners.append(i)
-        batch = self._pad(seqs, labels, left=False)
-        with mixed(self.peft, mix.rows(torch.tensor(owners))):
-            logits = self.peft(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        target = batch["labels"][:, 1:]
-        keep = target != IGNORE  # (R, T-1): answer positions only
-        rows = logits[:, :-1][keep].float()  # (K, V): no full-sequence log-softmax
-        tok_logp = rows.log_softmax(-1).gather(-1, target[keep].unsqueeze(-1)).squeeze(-1)
-        sums = torch.zeros(keep.shape[0], device=rows.device).index_add_(
-            0, keep.nonzero()[:, 0], tok_logp
-        )
-        per_seq = (sums / keep.sum(1).clamp(min=1)).cpu()
         owner_t = torch.tensor(owners)
+        step = self.option_rows
+        per_seq = torch.cat(
+            [
+                self._answer_logp(
+                    seqs[k : k + step], labels[k : k + step], mix.rows(owner_t[k : k + step])
+                )
+                for k in range(0, len(seqs), step)
+            ]
+        )
         return [per_seq[owner_t == i] for i in range(len(examples))]
+
+    def _answer_logp(
+        self, seqs: list[list[int]], labels: list[list[int]], mix: Mix
+    ) -> torch.Tensor:
+        """(R,) mean log-probability of each sequence's answer tokens (labels != IGNORE).
+
+        Left padding puts every answer at the end of its row, so the answer positions of all rows
+        lie in the last `keep` positions and the model's `logits_to_keep` applies the LM head to
+        those alone: (R, keep, V) with keep = longest answer + 1. Position ids count real tokens
+        only, so each row sees the positions it has unpadded."""
+        batch = self._pad(seqs, labels, left=True)
+        mask = batch["attention_mask"]
+        answer_len = int((batch["labels"][:, 1:] != IGNORE).sum(1).max())
+        keep = min(answer_len + 1, mask.shape[1])
+        with mixed(self.peft, mix):
+            logits = self.peft(
+                input_ids=batch["input_ids"],
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                logits_to_keep=keep,
+            ).logits  # (R, keep, V): logits[:, j] predicts token T - keep + j + 1
+        target = batch["labels"][:, -keep:][:, 1:]  # (R, keep - 1)
+        valid = target != IGNORE
+        rows = logits[:, :-1][valid].float()  # (K, V): answer positions only
+        tok_logp = rows.log_softmax(-1).gather(-1, target[valid].unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(valid.shape[0], device=rows.device).index_add_(
+            0, valid.nonzero()[:, 0], tok_logp
+        )
+        return (sums / valid.sum(1).clamp(min=1)).cpu()
 
     def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
         """Per example: softmax over its options' mean log-likelihoods."""
