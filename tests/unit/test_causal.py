@@ -274,14 +274,7 @@ def test_a_row_ends_at_its_first_stop_token_which_is_counted(model, monkeypatch)
 def full_logits_loglik(model, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
     """The previous scoring, as a reference: every option sequence in one right-padded forward
     with full-vocabulary logits at every position, read at the answer positions."""
-    seqs, labels, owners = [], [], []
-    for i, ex in enumerate(examples):
-        prompt = model._ids(prompt_for(ex.instruction), special=True)
-        for opt in ex.options:
-            answer = model._ids(opt, special=False) + [model.tokenizer.eos_token_id]
-            seqs.append((prompt + answer)[-model.max_length :])
-            labels.append(([IGNORE] * len(prompt) + answer)[-model.max_length :])
-            owners.append(i)
+    seqs, labels, owners = model.option_sequences(examples)
     batch = model._pad(seqs, labels, left=False)
     with torch.no_grad(), mixed(model.peft, mix.rows(torch.tensor(owners))):
         logits = model.peft(

@@ -229,14 +229,7 @@ class CausalLMModel:
 
         Memory is bounded per pass: option sequences go `option_rows` at a time, and logits are
         computed only where they are read (the answer positions), never (rows, T, V)."""
-        seqs, labels, owners = [], [], []
-        for i, ex in enumerate(examples):
-            prompt = self._ids(prompt_for(ex.instruction), special=True)
-            for opt in ex.options:
-                answer = self._ids(opt, special=False) + [self.tokenizer.eos_token_id]
-                seqs.append((prompt + answer)[-self.max_length :])
-                labels.append(([IGNORE] * len(prompt) + answer)[-self.max_length :])
-                owners.append(i)
+        seqs, labels, owners = self.option_sequences(examples)
         owner_t = torch.tensor(owners)
         step = self.option_rows
         per_seq = torch.cat(
@@ -248,6 +241,20 @@ class CausalLMModel:
             ]
         )
         return [per_seq[owner_t == i] for i in range(len(examples))]
+
+    def option_sequences(
+        self, examples: list[Example]
+    ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """(ids, labels, owning example) of every prompt + option + EOS, cut at max_length."""
+        seqs, labels, owners = [], [], []
+        for i, ex in enumerate(examples):
+            prompt = self._ids(prompt_for(ex.instruction), special=True)
+            for opt in ex.options:
+                answer = self._ids(opt, special=False) + [self.tokenizer.eos_token_id]
+                seqs.append((prompt + answer)[-self.max_length :])
+                labels.append(([IGNORE] * len(prompt) + answer)[-self.max_length :])
+                owners.append(i)
+        return seqs, labels, owners
 
     def _answer_logp(
         self, seqs: list[list[int]], labels: list[list[int]], mix: Mix
