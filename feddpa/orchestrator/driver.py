@@ -13,9 +13,8 @@ from feddpa.core.config import ExperimentConfig
 from feddpa.orchestrator.loop import resumed_config, total_steps, train
 from feddpa.orchestrator.ray_executor import RayExecutor
 
+# The environment of every worker of our jobs (runtime_env): offline, quiet
 RAY_ENV = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -23,12 +22,22 @@ RAY_ENV = {
     "TQDM_DISABLE": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
 }
+# Settings of a Ray instance this process starts itself (`local`), inherited by its processes.
+# Never applied when joining a cluster: there the cluster's own settings (token auth) hold.
+LOCAL_RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",  # bound to 127.0.0.1 and private to this process
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # Serve restarts a proxy that is not ready within 5 s (three times, then gives up); on a busy
+    # 2-core machine its start-up takes longer (measured: > 15 s while a training job ran)
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+}
 
 
 def init_ray(address: str, num_cpus: int | None = None) -> None:
     """`local`: a fresh single-node Ray bound to 127.0.0.1; `auto` / ADDRESS: join a cluster."""
-    for key in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
-        os.environ.setdefault(key, RAY_ENV[key])
+    if address == "local":
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": RAY_ENV}

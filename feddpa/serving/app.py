@@ -168,6 +168,12 @@ def build_app(state: Callable[[], AppState]) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request, exc.status_code, exc.detail, exc.headers)
 
+    @app.exception_handler(ServingError)
+    async def backend_failed(request: Request, exc: ServingError) -> JSONResponse:
+        """A backend call outside a model request (the client list) failed: its typed failure."""
+        retry = state().limits.retry() if exc.failure.retry else None
+        return error_response(request, exc.failure.status, exc.failure.message, retry)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         """A bug: the traceback goes to the log with the request id, the client gets the id."""

@@ -110,7 +110,10 @@ class RayBackend:
                 items.cancel()  # the caller went away (or a Failure ended it): stop the replica
 
     async def describe(self) -> dict:
-        return await self.handle.describe.remote()
+        try:
+            return await self.handle.describe.remote()
+        except Exception as err:  # e.g. BackPressureError: Serve would answer a bare 503
+            raise ServingError(ray_failure(err, "describe")) from None
 
 
 def ray_failure(err: Exception, request_id: str) -> Failure:
@@ -150,12 +153,15 @@ def queue_settings(options: ServeOptions) -> tuple[dict, dict]:
 
     The ingress admits `max_queue` + headroom requests, so the app's own check (503 with
     Retry-After once `max_queue` model requests are in flight) is reachable and cheap routes still
-    get in; beyond that Serve's proxy queues at most `max_queue` more and then answers 503 itself
-    (its queue is unbounded by default). Every Personalizer replica accepts what the ingress lets
-    through (its batcher is the real queue); a call beyond its bounded queue is Serve's
-    BackPressureError, which the ingress answers with 503 + Retry-After."""
+    get in. Serve's proxy holds at most as many again while it routes a burst (its queue is
+    unbounded by default) and answers 503 itself (no Retry-After) beyond that: a queue of
+    `max_queue` there refused bursts the app would have answered (measured through Serve with
+    max_queue 1: six simultaneous requests got Serve's bare 503). Every Personalizer replica
+    accepts what the ingress lets through (its batcher is the real queue); a call beyond its
+    bounded queue is Serve's BackPressureError, which the ingress answers with 503 + Retry-After."""
     queue = options.limits.max_queue
-    ingress = {"max_ongoing_requests": queue + INGRESS_HEADROOM, "max_queued_requests": queue}
+    admitted = queue + INGRESS_HEADROOM
+    ingress = {"max_ongoing_requests": admitted, "max_queued_requests": admitted}
     personalizer = {"max_ongoing_requests": queue, "max_queued_requests": queue}
     return ingress, personalizer
 

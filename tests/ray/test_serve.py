@@ -169,9 +169,11 @@ def served_causal(served, tmp_path_factory, tiny_llama_dir) -> Iterator[str]:
     from ray import serve
 
     from feddpa.serving.deployment import ServeOptions, build_application
+    from feddpa.serving.limits import Limits
 
     run_dir = causal_run(tmp_path_factory, tiny_llama_dir)
-    options = ServeOptions(run_dir=str(run_dir), cpus_per_replica=0.5)
+    # one request in flight at a time: the backpressure test fills the queue with two
+    options = ServeOptions(run_dir=str(run_dir), cpus_per_replica=0.5, limits=Limits(max_queue=1))
     serve.run(build_application(options), name="causal", route_prefix="/causal")
     url = f"{served.url}/causal"
     deadline = time.monotonic() + 60
@@ -210,6 +212,35 @@ def test_openai_client_streams_through_serve(served_causal, tmp_path_factory, ti
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     with pytest.raises(openai.NotFoundError):  # refused before the stream starts
         oa.completions.create(model="client-7", prompt=prompt, stream=True)
+
+
+OVERLOADED = {"overloaded, retry later", "the model replicas' queues are full; retry later"}
+
+
+def test_a_full_queue_is_503_with_retry_after_through_serve(served_causal):
+    """Backpressure through the proxy: with `max_queue=1`, requests sent together while one
+    generates (200 tokens) are refused at once with 503 + Retry-After, never queued without
+    bound, and the admitted one completes. Released together behind a barrier, the refused ones
+    arrive while the first is still decoding (its 200 steps take far longer than a thread start)."""
+    barrier = threading.Barrier(6)
+
+    def generate(_: int) -> httpx2.Response:
+        barrier.wait()
+        return httpx2.post(
+            f"{served_causal}/v1/clients/1/generate",
+            json={"prompt": "Tell me a long story about the sea", "max_tokens": 200},
+            timeout=120,
+        )
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(generate, range(6)))
+    codes = [r.status_code for r in responses]
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers.get("retry-after") == "1", (r.text, dict(r.headers))
+            # refused by the ingress's count, or by the Personalizer's bounded Serve queue
+            assert r.json()["detail"] in OVERLOADED, r.text
 
 
 def test_roll_out_under_load_fails_no_request_and_mixes_no_versions(served):

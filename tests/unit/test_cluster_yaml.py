@@ -10,6 +10,7 @@ the test asserts boto3 stays unimported."""
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -138,3 +139,23 @@ def test_paper_client_actors_fit_on_the_gpu_workers(prepared, method):
     assert actors * cfg.ray.gpus_per_actor <= gpus
     assert actors * cfg.ray.cpus_per_actor <= cpus
     assert cfg.output_dir.startswith("/mnt/efs"), "run directories must be on the shared mount"
+
+
+def test_joining_a_cluster_keeps_its_auth_and_only_a_local_ray_disables_it(monkeypatch):
+    """Token auth is on in cluster.yaml: a driver that joins must not switch it off for itself
+    (os.environ) or for its workers (runtime_env); the private 127.0.0.1 instance disables it."""
+    import ray
+
+    from feddpa.orchestrator import driver
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    for key in driver.LOCAL_RAY_ENV:  # restored after the test
+        monkeypatch.delenv(key, raising=False)
+    driver.init_ray("10.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in os.environ
+    assert "RAY_AUTH_MODE" not in calls[0]["runtime_env"]["env_vars"]
+    driver.init_ray("local")
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    assert calls[1]["address"] == "local" and calls[1]["_node_ip_address"] == "127.0.0.1"

@@ -405,6 +405,31 @@ def test_ray_backend_turns_replica_outcomes_into_typed_errors():
     assert full.status == 503 and full.retry
 
 
+def test_a_full_replica_queue_on_the_client_list_call_is_503_with_retry_after():
+    """Every client route first asks the backend for its client list (`describe`): under Serve
+    that call can be refused with BackPressureError too, which escaped as Serve's bare 503 (no
+    Retry-After, no JSON; seen through Serve with max_queue 1)."""
+    from ray.serve.exceptions import BackPressureError
+
+    from feddpa.serving.deployment import RayBackend
+
+    class Handle:
+        def __init__(self) -> None:
+            self.describe = self
+
+        def remote(self):
+            async def call():
+                raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
+
+            return call()
+
+    state = AppState(RayBackend(Handle()))  # type: ignore[arg-type]
+    with TestClient(build_app(lambda: state)) as c:
+        r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "queues are full" in r.json()["detail"] and r.json()["request_id"]
+
+
 def test_the_personalizer_returns_failures_instead_of_raising(engine):
     """Inside the replica: errors come back as data (Ray would wrap a raised one in its
     traceback); an unexpected one is logged there with the request id."""
@@ -484,8 +509,9 @@ def test_serve_queues_are_bounded_and_let_the_apps_503_fire():
     limits = Limits(max_queue=40)
     ingress, personalizer = queue_settings(ServeOptions(run_dir="unused", limits=limits))
     assert ingress["max_ongoing_requests"] > limits.max_queue  # the app's check is reachable
-    for settings_ in (ingress, personalizer):
-        assert 0 < settings_["max_queued_requests"] <= limits.max_queue  # Serve: bounded, 503
+    # Serve's queues bounded (503 beyond): the ingress's holds a burst the app then answers
+    assert 0 < personalizer["max_queued_requests"] <= limits.max_queue
+    assert ingress["max_queued_requests"] == ingress["max_ongoing_requests"]
     assert personalizer["max_ongoing_requests"] >= limits.max_queue  # takes what gets through
 
 
