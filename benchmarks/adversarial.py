@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import shlex
-import socket
 import sys
 import tempfile
 import threading
@@ -39,15 +38,12 @@ os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 import httpx2  # noqa: E402
 import psutil  # noqa: E402
-import ray  # noqa: E402
 from bench_common import machine_info, write_results  # noqa: E402
-from ray import serve  # noqa: E402
-from serving import pct, train_run, wait_healthy  # noqa: E402
+from serving import pct, serve_on_loopback, train_run  # noqa: E402
 
 from feddpa.datasets import read_manifest, read_test  # noqa: E402
-from feddpa.orchestrator.driver import RAY_ENV  # noqa: E402
 from feddpa.serving.auth import create_tokens  # noqa: E402
-from feddpa.serving.deployment import ServeOptions, start  # noqa: E402
+from feddpa.serving.deployment import ServeOptions  # noqa: E402
 
 log = logging.getLogger("bench.adversarial")
 
@@ -211,25 +207,8 @@ def main() -> int:
     }
     tokens = create_tokens(clients, work / "tokens.json")
     kinds = bad_requests(clients, tokens, texts[clients[0]][0])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": RAY_ENV},
-        log_to_driver=False,
-    )
-    try:
-        start(
-            ServeOptions(str(run_dir), cpus_per_replica=1, tokens=str(work / "tokens.json")),
-            host="127.0.0.1",
-            port=port,
-        )
-        wait_healthy(base)
+    options = ServeOptions(str(run_dir), cpus_per_replica=1, tokens=str(work / "tokens.json"))
+    with serve_on_loopback(options) as base:
         phase(base, clients, tokens, texts, kinds, min(5.0, args.seconds), len(clients), 0)  # warm
         rss = [replica_rss_mb()]
         log.info("valid traffic alone, %.0f s ...", args.seconds)
@@ -239,9 +218,6 @@ def main() -> int:
         mixed = phase(base, clients, tokens, texts, kinds, args.seconds, args.valid, args.bad)
         rss.append(replica_rss_mb())
         health = httpx2.get(f"{base}/healthz", timeout=30).json()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     total_s = time.perf_counter() - t_start
     command = "python benchmarks/adversarial.py " + shlex.join(sys.argv[1:])
     figures = {

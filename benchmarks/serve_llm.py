@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import shlex
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,15 +30,18 @@ os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 import httpx2  # noqa: E402
 import openai  # noqa: E402
-import ray  # noqa: E402
 import torch  # noqa: E402
 from bench_common import machine_info, write_results  # noqa: E402
-from ray import serve  # noqa: E402
-from serving import Profile, interleaved_rps, own_task_items, wait_healthy, with_mode  # noqa: E402
+from serving import (  # noqa: E402
+    Profile,
+    interleaved_rps,
+    own_task_items,
+    serve_on_loopback,
+    with_mode,
+)
 
 from feddpa.core.adapters import GLOBAL_ONLY  # noqa: E402
-from feddpa.orchestrator.driver import RAY_ENV  # noqa: E402
-from feddpa.serving.deployment import ServeOptions, start  # noqa: E402
+from feddpa.serving.deployment import ServeOptions  # noqa: E402
 from feddpa.serving.engine import Request, ServingEngine  # noqa: E402
 
 log = logging.getLogger("bench.serve_llm")
@@ -89,23 +91,9 @@ def throughput(run_dir: Path, new_tokens: int, reps: int) -> dict:
 def http_calls(run_dir: Path, max_tokens: int) -> dict:
     reqs = own_task_items(run_dir, random.Random(1), per_client=1)
     picked = [reqs[0], reqs[len(reqs) // 2]]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base_url = f"http://127.0.0.1:{port}"
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"env_vars": RAY_ENV},
-        log_to_driver=False,
-    )
     out: dict = {"calls": []}
-    try:
-        t0 = time.perf_counter()
-        start(ServeOptions(str(run_dir), cpus_per_replica=1), host="127.0.0.1", port=port)
-        wait_healthy(base_url, timeout_s=600)
+    t0 = time.perf_counter()
+    with serve_on_loopback(ServeOptions(str(run_dir), cpus_per_replica=1)) as base_url:
         out["startup_s"] = time.perf_counter() - t0
         oa = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
         for r in picked:
@@ -155,9 +143,6 @@ def http_calls(run_dir: Path, max_tokens: int) -> dict:
                     "generate": gen,
                 }
             )
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return out
 
 

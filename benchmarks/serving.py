@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -363,6 +364,24 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"the Serve app did not become healthy in {timeout_s} s")
+
+
+@contextlib.contextmanager
+def serve_on_loopback(options: ServeOptions, timeout_s: float = 600) -> Iterator[str]:
+    """A fresh local Ray and the Serve app for `options` on a free 127.0.0.1 port, healthy; yields
+    its base URL and shuts both down after."""
+    with socket.socket() as sock:  # a free port on loopback, released for Serve
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)  # fmt: skip
+    try:
+        start(options, host="127.0.0.1", port=int(url.rsplit(":", 1)[1]))
+        wait_healthy(url, timeout_s)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def load_test(run_dir: Path, p: Profile) -> tuple[dict, dict]:
