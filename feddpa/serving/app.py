@@ -1,6 +1,6 @@
-"""The FastAPI app: routes, auth, limits and error mapping. It talks to a `Backend` — in Ray Serve a
-handle to the multiplexed Personalizer deployment, in tests an in-process engine — so the HTTP
-contract is the same either way.
+"""The FastAPI app: routes, auth, limits and error mapping. It talks to a `Backend`
+(feddpa.serving.backends) — in Ray Serve a handle to the Personalizer deployment, in tests an
+in-process engine — so the HTTP contract is the same either way.
 
 Errors never surface as 500: bad bodies → 422 naming the field, unknown client → 404, wrong or
 missing token → 401/403, prompt over the limit → 413, queue full → 503 with Retry-After.
@@ -15,29 +15,23 @@ from collections import Counter as CounterOf
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feddpa.core.records import Example, format_options, parse_options
 from feddpa.serving import schemas as s
 from feddpa.serving.auth import TokenStore
-from feddpa.serving.batcher import Parts, streamed
+from feddpa.serving.backends import Backend, LocalBackend
 from feddpa.serving.engine import Request as EngineRequest
-from feddpa.serving.engine import Result, ServingEngine
-from feddpa.serving.errors import ServingError, failure_of, internal_error
-from feddpa.serving.guard import Guard
+from feddpa.serving.engine import Result
+from feddpa.serving.errors import ServingError, internal_error
+from feddpa.serving.guard import Guard, Metrics
 from feddpa.serving.limits import Limits, check_options, check_text, new_tokens
 from feddpa.serving.openai_compat import (
     DONE,
@@ -49,59 +43,8 @@ from feddpa.serving.openai_compat import (
     stream_error,
 )
 
-__all__ = ["AppState", "Backend", "Limits", "LocalBackend", "build_app"]
+__all__ = ["AppState", "Backend", "Limits", "LocalBackend", "Metrics", "build_app"]
 log = logging.getLogger(__name__)
-
-
-class Backend(Protocol):
-    async def run(self, req: EngineRequest) -> Result: ...
-
-    def stream(
-        self, req: EngineRequest
-    ) -> AsyncGenerator[str | Result, None]: ...  # deltas, result
-
-    async def describe(self) -> dict: ...  # {"clients": [...], "version": str, "kind": str}
-
-
-class LocalBackend:
-    """The engine in this process (tests, single-process use)."""
-
-    def __init__(self, engine: ServingEngine) -> None:
-        self.engine = engine
-
-    async def run(self, req: EngineRequest) -> Result:
-        try:
-            await asyncio.to_thread(self.engine.validate, req)  # as the Serve replica does
-            return (await asyncio.to_thread(self.engine.run_batch, [req]))[0]
-        except Exception as err:
-            raise ServingError(failure_of(err, req.request_id)) from None
-
-    async def stream(self, req: EngineRequest) -> AsyncGenerator[str | Result, None]:
-        try:
-            await asyncio.to_thread(self.engine.validate, req)
-            parts = Parts(asyncio.get_running_loop())
-            run = asyncio.ensure_future(asyncio.to_thread(self._run_one, req, parts))
-            async for item in streamed(parts, run):
-                yield item
-        except Exception as err:
-            raise ServingError(failure_of(err, req.request_id)) from None
-
-    def _run_one(self, req: EngineRequest, parts: Parts) -> Result:
-        return self.engine.run_batch([req], lambda _, delta: parts.put(delta))[0]
-
-    async def describe(self) -> dict:
-        return self.engine.describe()
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "feddpa_requests", "HTTP requests", ["route", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "feddpa_request_seconds", "request latency", ["route"], registry=self.registry
-        )
 
 
 ERROR_RESPONSES: dict[int | str, dict] = {
