@@ -300,3 +300,28 @@ def test_resume_uses_the_executor_the_run_was_started_with(tmp_path, capsys):
 def test_running_average_still_rejects_bad_weights():
     with pytest.raises(ValueError, match="positive and finite"):
         RunningAverage().add(FlatState.of({"w": torch.zeros(1)}), float("nan"))
+
+
+def test_discarding_a_client_whose_actor_died_marks_the_actor_instead_of_raising(monkeypatch):
+    """A NaN update's client is discarded on its actor; if that actor has just died, `ray.get`
+    raised RayActorError and ended the run. A restarted actor re-reads every client anyway, so
+    the executor only marks it suspect (waited for before the next dispatch)."""
+    from ray.exceptions import RayActorError
+
+    import feddpa.orchestrator.ray_executor as rx
+
+    class Actor:
+        class discard:  # noqa: N801 - stands in for an actor method handle
+            @staticmethod
+            def remote(cid):
+                return cid
+
+    def dead(_ref):
+        raise RayActorError()
+
+    executor = object.__new__(rx.RayExecutor)  # no cluster: only discard's own logic
+    actors = [Actor(), Actor()]
+    executor.actors, executor.owner, executor.suspects = actors, {7: actors[1]}, set()
+    monkeypatch.setattr(rx.ray, "get", dead)
+    executor.discard([7])
+    assert executor.suspects == {1}
