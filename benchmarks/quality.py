@@ -2,17 +2,21 @@
 
     python benchmarks/quality.py --profile full --seeds 0 1 2 --jobs 2   # both benchmarks, ≈ 75 min CPU
     python benchmarks/quality.py --profile quick --bench synthetic --seeds 0
+    python benchmarks/quality.py --profile quick --bench shared_input --seeds 0
     python benchmarks/quality.py --profile device --seeds 0 1 2 --jobs 12  # the larger GPU setting
 
-Benchmarks: `synthetic` (the built-in federation: conflict pairs + shared-knowledge tasks) and
-`dataset1` (the paper's dataset 1, its six multiple-choice tasks, with MiniLM; the free-text tasks
-web_nlg_en and fix_punct need a generative model and are not evaluated here). FedIT is read off
-FedDPA-F's federated rounds: FedDPA-F *is* FedIT followed by local fine-tuning, so its rounds are
-FedIT's run, evaluated with the global adapter alone. The learning rate and epochs were chosen on
-held-out training data (benchmarks/select_hparams.py → results/hparams-*.json). FedDPA's weighting
-is chosen the same way before its runs train: a FedDPA-T run on 80 % of each synthetic client's
-training data, every weighting variant scored on the other 20 % (never the test split), the best
-P + TTP wins. Runs are cached by config hash under --work, so an interrupted benchmark resumes.
+Benchmarks: `synthetic` (the built-in federation: conflict pairs + shared-knowledge tasks),
+`shared_input` (the second built-in federation: every task reads the same kind of input and differs
+only in its question, plus one conflict pair) and `dataset1` (the paper's dataset 1, its six
+multiple-choice tasks, with MiniLM; the free-text tasks web_nlg_en and fix_punct need a generative
+model and are not evaluated here). `--bench both` runs synthetic and dataset1, `--bench all` the
+three. FedIT is read off FedDPA-F's federated rounds: FedDPA-F *is* FedIT followed by local
+fine-tuning, so its rounds are FedIT's run, evaluated with the global adapter alone. The learning
+rate and epochs were chosen on held-out training data (benchmarks/select_hparams.py →
+results/hparams-*.json). FedDPA's weighting is chosen the same way before its runs train: a FedDPA-T
+run on 80 % of each synthetic client's training data, every weighting variant scored on the other
+20 % (never the test split), the best P + TTP wins. Runs are cached by config hash under --work, so
+an interrupted benchmark resumes.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ TRAIN_CAP = 100  # the full profile's training items per client (dataset 1 has 3
 MC_TASKS = ["definite_pronoun_resolution", "snli", "cola", "glue_qqp", "trec", "wic"]
 METHODS = ["fedit", "feddpa_t", "feddpa_f", "local", "centralized"]
 RUNS = ["feddpa_f", "feddpa_t", "local", "centralized"]  # fedit comes from feddpa_f's rounds
+BUILT_IN = ["synthetic", "shared_input"]  # benchmarks that are a built-in data.source
+GROUPS = {"both": ["synthetic", "dataset1"], "all": [*BUILT_IN, "dataset1"]}
 
 PROFILES = {
     "quick": {
@@ -93,7 +99,7 @@ def base_config(
     weighting: dict | None = None,
 ) -> dict:
     data: dict = {
-        "source": "synthetic",
+        "source": bench if bench in BUILT_IN else "synthetic",
         "train_per_task": profile["train_per_task"],
         "test_per_task": 50,
         "seed": seed,
@@ -476,7 +482,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--bench", choices=["synthetic", "dataset1", "both"], default="both")
+    ap.add_argument("--bench", choices=[*BUILT_IN, "dataset1", *GROUPS], default="both")
     ap.add_argument("--profile", choices=list(PROFILES), default="quick")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument(
@@ -499,7 +505,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     profile = PROFILES[args.profile]
     args.work = args.work or args.out / f"quality-{args.profile}"
-    benches = ["synthetic", "dataset1"] if args.bench == "both" else [args.bench]
+    benches = GROUPS.get(args.bench, [args.bench])
     dataset1 = args.dataset1.resolve()
 
     def cfg(bench: str, seed: int, method: str, weighting: dict | None = None) -> dict:

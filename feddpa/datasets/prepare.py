@@ -26,14 +26,21 @@ from feddpa.datasets.partition import (
     subsample,
 )
 from feddpa.datasets.shards import Manifest, write_shards
+from feddpa.datasets.shared_input import SHARED_INPUT_TASKS, generate_shared_input
 from feddpa.datasets.synthetic import SYNTHETIC_TASKS, generate_synthetic
+
+_BUILT_IN = {  # data.source -> (generator, its tasks in client order)
+    "synthetic": (generate_synthetic, SYNTHETIC_TASKS),
+    "shared_input": (generate_shared_input, SHARED_INPUT_TASKS),
+}
 
 
 def load_source(cfg: DataConfig) -> FederatedData:
-    if cfg.source == "synthetic":
-        train, test = generate_synthetic(cfg.seed, cfg.train_per_task, cfg.test_per_task)
-        clients = tuple(tuple(train[t]) for t in SYNTHETIC_TASKS)
-        return FederatedData(clients, tuple(test), f"synthetic(seed={cfg.seed})")
+    if cfg.source in _BUILT_IN:
+        generate, tasks = _BUILT_IN[cfg.source]
+        train, test = generate(cfg.seed, cfg.train_per_task, cfg.test_per_task)
+        clients = tuple(tuple(train[t]) for t in tasks)
+        return FederatedData(clients, tuple(test), f"{cfg.source}(seed={cfg.seed})")
     if cfg.source == "feddpa":
         return load_feddpa_release(str(cfg.path))
     return load_files(list(cfg.train_files), str(cfg.test_file))
