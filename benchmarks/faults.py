@@ -390,9 +390,9 @@ class Audit:
         host = self.host_at(step)
 
         class Replay:  # the loop's evaluation over this host
-            def evaluate(self, step, client_ids, global_state, weighting):
+            def evaluate(self, step, client_ids, global_state, weighting, global_scores=None):
                 for cid in client_ids:
-                    yield cid, host.evaluate(cid, global_state, step, weighting)
+                    yield cid, host.evaluate(cid, global_state, step, weighting, global_scores)
 
             def evaluate_global(self, global_state):
                 return host.evaluate_global(global_state)

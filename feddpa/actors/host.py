@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from feddpa.actors.engine import build_engine, write_deepspeed_config
 from feddpa.core import algorithms
 from feddpa.core.adapters import GLOBAL, LOCAL, AdapterState
 from feddpa.core.config import ExperimentConfig, WeightingConfig
-from feddpa.core.evaluation import ClientWeighting, ItemScores, representation_bank, score_items
+from feddpa.core.evaluation import (
+    ClientWeighting,
+    ItemScores,
+    client_independent,
+    representation_bank,
+    representations_batched,
+    score_items,
+)
 from feddpa.core.fedavg import FlatState
 from feddpa.core.models import TaskModel, build_task_model
 from feddpa.core.models.loading import lora_config
@@ -33,6 +42,7 @@ from feddpa.core.storage import (
     stage_dir,
 )
 from feddpa.core.training import run_phase
+from feddpa.core.trust import choose_trust, split_validation, validation_losses
 from feddpa.core.weighting import ClientBank, needs_bank
 from feddpa.datasets import read_manifest, read_shard, read_test
 
@@ -43,7 +53,8 @@ POOLED = -1  # the Centralized baseline's single client holding every shard
 
 @dataclass
 class ClientState:
-    data: list[Example]
+    data: list[Example]  # trained on
+    validation: list[Example] = field(default_factory=list)  # never trained on (trust)
     local: AdapterState | None = None
     bank: ClientBank | None = None
 
@@ -81,16 +92,22 @@ class ClientHost:
         self.weighting = algorithms.eval_weighting(cfg)
         self.clients: dict[int, ClientState] = {}
         self._test: list[Example] | None = None
+        self._shared_reps: dict[str, torch.Tensor] = {}  # client-independent e(x) of the test set
         for cid in client_ids:
-            self.clients[cid] = ClientState(self._read_data(cid))
+            self.clients[cid] = ClientState(*self._read_data(cid))
 
-    def _read_data(self, client_id: int) -> list[Example]:
+    def _read_data(self, client_id: int) -> tuple[list[Example], list[Example]]:
+        """(train, validation) of a client: `data.validation_fraction` of its shard is kept out of
+        training for every method alike; the pooled client trains on all clients' train parts."""
         if client_id == POOLED:
-            return [ex for info in self.manifest.clients for ex in read_shard(self.data_dir, info)]
+            parts = [self._read_data(cid) for cid in self.manifest.client_ids]
+            return [ex for train, _ in parts for ex in train], []
         by_id = {info.client_id: info for info in self.manifest.clients}
         if client_id not in by_id:
             raise KeyError(f"client {client_id} is not in the manifest of {self.data_dir}")
-        return read_shard(self.data_dir, by_id[client_id])
+        items = read_shard(self.data_dir, by_id[client_id])
+        seed = algorithms.derive_seed(self.cfg.data.seed, "validation", client_id)
+        return split_validation(items, self.cfg.data.validation_fraction, seed)
 
     @property
     def test(self) -> list[Example]:
@@ -177,18 +194,21 @@ class ClientHost:
                 phase.name,
                 [round(x, 4) for x in result.epoch_losses],
             )
-        if any(p.adapter == LOCAL for p in phases):
-            state.local = self.engine.adapter_state(LOCAL)
-            state.bank = None
-            if needs_bank(self.weighting):
-                state.bank = self._bank(cid, self.weighting)
-            if stage is not None:
-                self.write_client(cid, stage)
         upload = (
             self.engine.adapter_state(GLOBAL)
             if algorithms.uploads_global(self.cfg) and not finetune
             else None
         )
+        if any(p.adapter == LOCAL for p in phases):
+            state.local = self.engine.adapter_state(LOCAL)
+            state.bank = None
+            if needs_bank(self.weighting):
+                # trust is judged against the global adapter this client was sent, not its own
+                # update of it (which has seen the client's data this round)
+                self.engine.load_adapter_state(GLOBAL, global_state)
+                state.bank = self._bank(cid, self.weighting)
+            if stage is not None:
+                self.write_client(cid, stage)
         return FitResult(cid, len(state.data), upload, losses, time.perf_counter() - start)
 
     def write_client(self, cid: int, root: Path) -> None:
@@ -204,9 +224,33 @@ class ClientHost:
         stage_client(root, cid, write)
 
     def _bank(self, cid: int, weighting: WeightingConfig) -> ClientBank:
-        """The client's bank under the local adapter now loaded as `local`."""
-        data, batch = self.clients[cid].data, self.cfg.eval.batch_size
-        return representation_bank(self.model, data, weighting, batch)
+        """The client's bank under the adapters now loaded, with its trust in the local adapter
+        chosen on its validation slice when `weighting.trust` is 'validation'."""
+        state, batch = self.clients[cid], self.cfg.eval.batch_size
+        bank = representation_bank(self.model, state.data, weighting, batch)
+        if weighting.trust != "validation" or not state.validation:
+            return bank
+        losses = validation_losses(self.model, state.validation, weighting.trust_grid, batch)
+        trust = choose_trust(losses)
+        log.info(
+            "client %d: trust %.2f in its local adapter (validation loss by local weight: %s)",
+            cid,
+            trust,
+            {t: round(v, 4) for t, v in losses.items()},
+        )
+        return replace(bank, trust=trust)
+
+    def _shared_queries(self, weighting: WeightingConfig) -> torch.Tensor | None:
+        """(N, H) representations of the test set that every client shares (computed once)."""
+        rep = weighting.representation
+        if not (needs_bank(weighting) and client_independent(rep)):
+            return None
+        if rep not in self._shared_reps:
+            texts = [self.model.query_text(e) for e in self.test]
+            self._shared_reps[rep] = representations_batched(
+                self.model, texts, rep, self.cfg.eval.batch_size
+            )
+        return self._shared_reps[rep]
 
     def evaluate(
         self,
@@ -214,9 +258,12 @@ class ClientHost:
         global_state: AdapterState,
         step: int,
         weighting: WeightingConfig | None = None,
+        global_scores: ItemScores | None = None,
     ) -> ItemScores:
         """Per-item test scores of client `cid` under its instance-wise weighting. A client that
-        never trained a local adapter is scored with the global adapter alone."""
+        never trained a local adapter is scored with the global adapter alone. `global_scores`
+        (`evaluate_global` of the same global adapter) supply the items whose mix is the global
+        adapter alone."""
         weighting = weighting or self.weighting
         state = self._current(cid, step)
         has_local = state.local is not None
@@ -228,7 +275,14 @@ class ClientHost:
             state.bank = self._bank(cid, weighting)
         client = ClientWeighting(cid, state.bank, has_local)
         return score_items(
-            self.model, self.test, weighting, client, self.cfg.seed, self.cfg.eval.batch_size
+            self.model,
+            self.test,
+            weighting,
+            client,
+            self.cfg.seed,
+            self.cfg.eval.batch_size,
+            global_scores=global_scores,
+            shared=self._shared_queries(weighting),
         )
 
     def evaluate_global(self, global_state: AdapterState) -> ItemScores:

@@ -61,9 +61,15 @@ class ClientActor:
         return dataclasses.replace(result, global_state=to_wire(result.global_state))  # type: ignore[arg-type]
 
     def evaluate(
-        self, cid: int, global_state: Wire, step: int, weighting: WeightingConfig
+        self,
+        cid: int,
+        global_state: Wire,
+        step: int,
+        weighting: WeightingConfig,
+        global_scores: ItemScores | None = None,
     ) -> tuple[int, ItemScores]:
-        return cid, self.host.evaluate(cid, from_wire(global_state).state(), step, weighting)
+        state = from_wire(global_state).state()
+        return cid, self.host.evaluate(cid, state, step, weighting, global_scores)
 
     def evaluate_global(self, global_state: Wire) -> ItemScores:
         return self.host.evaluate_global(from_wire(global_state).state())

@@ -51,7 +51,11 @@ class LoraSettings(_Frozen):
 
 
 class DataConfig(_Frozen):
-    source: Literal["synthetic", "feddpa", "files"] = "synthetic"
+    source: Literal["synthetic", "shared_input", "feddpa", "files"] = Field(
+        "synthetic",
+        description="synthetic / shared_input: built-in federations (feddpa.datasets); "
+        "feddpa: the release layout at data.path; files: train_files + test_file",
+    )
     path: str | None = Field(None, description="directory of the FedDPA release layout")
     train_files: tuple[str, ...] = ()
     test_file: str | None = None
@@ -65,6 +69,13 @@ class DataConfig(_Frozen):
         None, gt=0, description="keep a seeded random subset of this many items per client"
     )
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
+    validation_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each client's training items kept out of training as its own "
+        "validation slice (weighting.trust: validation reads it); the same for every method",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -128,16 +139,32 @@ class WeightingConfig(_Frozen):
         lt=0.5,
         description="'gate': a weight this close to the floor or ceiling is set to it exactly",
     )
-    representation: Literal["local", "embedding"] = Field(
+    representation: Literal["local", "base", "embedding"] = Field(
         "local",
         description="e(x) of the bank modes: 'local' = final hidden state with the local adapter "
-        "alone (the paper); 'embedding' = mean input token embedding (no forward pass)",
+        "alone (the paper); 'base' = final hidden state of the frozen model, no adapter (the same "
+        "for every client, so computed once per input); 'embedding' = mean input token embedding "
+        "(no forward pass)",
+    )
+    trust: Literal["full", "validation"] = Field(
+        "full",
+        description="'gate': how far the local adapter is trusted on the client's own inputs "
+        "(the gate's local weight is scaled by it): 'full' = 1; 'validation' = the weight of "
+        "trust_grid with the lowest loss on the client's validation slice (data.validation_"
+        "fraction), 0 = the global adapter alone",
+    )
+    trust_grid: tuple[float, ...] = Field(
+        (0.0, 0.25, 0.5, 0.75, 1.0), min_length=1, description="local weights 'validation' tries"
     )
 
     @model_validator(mode="after")
     def _gate_bounds(self) -> WeightingConfig:
         if self.gate_floor > self.gate_ceiling:
             raise ValueError("weighting.gate_floor must not exceed weighting.gate_ceiling")
+        if any(not 0 <= w <= 1 for w in self.trust_grid):
+            raise ValueError(
+                f"weighting.trust_grid {self.trust_grid}: every weight must be in [0, 1]"
+            )
         return self
 
 
@@ -205,6 +232,11 @@ class ExperimentConfig(_Frozen):
             raise ValueError(
                 "model.quantization needs engine.kind 'torch': DeepSpeed ZeRO does not partition "
                 "bitsandbytes weights (the frozen quantized base is already small)"
+            )
+        if self.weighting.trust == "validation" and self.data.validation_fraction == 0:
+            raise ValueError(
+                "weighting.trust 'validation' chooses each client's trust on its validation "
+                "slice: set data.validation_fraction (e.g. 0.2) or weighting.trust 'full'"
             )
         return self
 

@@ -46,15 +46,36 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+NO_ADAPTER = Mix(0.0, 0.0)  # the frozen foundation model
+
+
+def client_independent(representation: str) -> bool:
+    """Whether e(x) is the same for every client (computed once per input, shared by all)."""
+    return representation in ("base", "embedding")
+
+
 def representations(
     model: TaskModel, texts: list[str], representation: str, local: Mix | None = None
 ) -> torch.Tensor:
     """(B, H) e(x) of `texts` as weighting.representation says: the final hidden state with the
     local adapter alone (`local` routes rows to their clients' adapters in serving; default the
-    model's `local` adapter), or the mean token embedding (the same for every client)."""
+    model's `local` adapter), the final hidden state of the frozen model ('base'), or the mean
+    token embedding; the last two are the same for every client."""
     if representation == "embedding":
         return token_embedding_means(model, texts)
+    if representation == "base":
+        return model.represent(texts, NO_ADAPTER)
     return model.represent(texts) if local is None else model.represent(texts, local)
+
+
+@torch.no_grad()
+def representations_batched(
+    model: TaskModel, texts: list[str], representation: str, batch_size: int
+) -> torch.Tensor:
+    """(N, H) `representations` of many texts, `batch_size` at a time (bounded memory)."""
+    return torch.cat(
+        [representations(model, b, representation) for b in chunks(texts, batch_size)]
+    ).float()
 
 
 @torch.no_grad()
@@ -63,11 +84,10 @@ def representation_bank(
 ) -> ClientBank:
     """The client's training prompts' representations, (N, H), calibrated for the gate."""
     rep = cfg.representation
-    reps = [
-        representations(model, [model.query_text(e) for e in b], rep)
-        for b in chunks(data, batch_size)
-    ]
-    return ClientBank.build(torch.cat(reps).float(), cfg.gate_topk, rep)
+    texts = [model.query_text(e) for e in data]
+    return ClientBank.build(
+        representations_batched(model, texts, rep, batch_size), cfg.gate_topk, rep
+    )
 
 
 def query_representations(
@@ -85,6 +105,33 @@ def query_representations(
     return representations(model, texts, kinds.pop(), route)
 
 
+def test_mix(
+    model: TaskModel,
+    test: list[Example],
+    rows: list[RowWeighting],
+    batch_size: int,
+    shared: torch.Tensor | None = None,
+) -> Mix:
+    """The (N,) mix of every test item (`mix_rows`, the function serving calls). `shared`: (N, H)
+    representations of all of `test` when they are the same for every client."""
+    wanted = [i for i, r in enumerate(rows) if r.needs_query]
+    if not wanted:
+        return mix_rows(rows, None)
+    if shared is not None:
+        return mix_rows(rows, shared[torch.tensor(wanted)])
+    queries = [
+        query_representations(model, [test[i] for i in idx], [rows[i] for i in idx])
+        for idx in chunks(wanted, batch_size)
+    ]
+    return mix_rows(rows, torch.cat([q for q in queries if q is not None]))
+
+
+def length_order(model: TaskModel, test: list[Example], indices: list[int]) -> list[int]:
+    """`indices` by prompt length, longest first: batches of like lengths pad less and (when
+    generating) finish together."""
+    return sorted(indices, key=lambda i: -len(model.query_text(test[i])))
+
+
 @torch.no_grad()
 def score_items(
     model: TaskModel,
@@ -93,18 +140,30 @@ def score_items(
     client: ClientWeighting,
     run_seed: int,
     batch_size: int,
+    *,
+    global_scores: ItemScores | None = None,
+    shared: torch.Tensor | None = None,
 ) -> ItemScores:
-    """Per-item scores of `test` under the client's instance-wise weighting (`mix_rows`, the same
-    function serving calls)."""
-    scores: list[float] = []
-    weights: list[float] = []
-    for batch in chunks(test, batch_size):
-        rows = [client.row(weighting, run_seed, model.query_text(e)) for e in batch]
-        mix = mix_rows(rows, query_representations(model, batch, rows))
-        batch_scores, _ = model.score(batch, mix)
-        scores.extend(batch_scores)
-        weights.extend(mix.as_rows(len(batch))[0].tolist())
-    return ItemScores(tuple(scores), tuple(weights))
+    """Per-item scores of `test` under the client's instance-wise weighting.
+
+    `global_scores`: the global adapter's own scores of `test`: an item whose mix is the global
+    adapter alone (w_local = 0 exactly) is that model, so its score is taken from there instead
+    of being computed again. `shared`: (N, H) client-independent representations of `test`."""
+    rows = [client.row(weighting, run_seed, model.query_text(e)) for e in test]
+    mix = test_mix(model, test, rows, batch_size, shared)
+    w_global, w_local = mix.as_rows(len(test))
+    scores = [0.0] * len(test)
+    todo = list(range(len(test)))
+    if global_scores is not None:
+        alone = {i for i in todo if w_local[i] == 0 and w_global[i] == 1}
+        for i in alone:
+            scores[i] = global_scores.scores[i]
+        todo = [i for i in todo if i not in alone]
+    for idx in chunks(length_order(model, test, todo), batch_size):
+        batch_scores, _ = model.score([test[i] for i in idx], mix.rows(torch.tensor(idx)))
+        for i, score in zip(idx, batch_scores, strict=True):
+            scores[i] = score
+    return ItemScores(tuple(scores), tuple(w_global.tolist()))
 
 
 def mean(values: list[float]) -> float:
@@ -112,8 +171,8 @@ def mean(values: list[float]) -> float:
 
 
 def summarize(test: list[Example], items: ItemScores, own_tasks: set[str]) -> dict:
-    """{'P', 'TTP', 'per_task': {task: score}, 'mean_global_weight', the mean local weight on
-    own-task and other items, and their histograms} for one client."""
+    """{'P', 'TTP', 'scores' (per test item), 'per_task': {task: score}, 'mean_global_weight',
+    the mean local weight on own-task and other items, and their histograms} for one client."""
     by_task: dict[str, list[float]] = defaultdict(list)
     for ex, s in zip(test, items.scores, strict=True):
         by_task[ex.task].append(s)
@@ -126,6 +185,7 @@ def summarize(test: list[Example], items: ItemScores, own_tasks: set[str]) -> di
     return {
         "P": mean(own),
         "TTP": mean(list(items.scores)),
+        "scores": [round(x, 6) for x in items.scores],  # per test item, for paired comparisons
         "per_task": {t: mean(v) for t, v in sorted(by_task.items())},
         "mean_global_weight": mean(list(items.global_weights)),
         "local_weight_own": mean(own_w),

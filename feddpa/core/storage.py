@@ -28,7 +28,7 @@ from feddpa.core.weighting import ClientBank
 ADAPTER_FILE = "adapter_model.safetensors"
 BANK_FILE = "bank.safetensors"
 DEFAULT_GATE_TOPK = WeightingConfig().gate_topk
-REPRESENTATIONS = ("local", "embedding")  # stored in a bank file as the index
+REPRESENTATIONS = ("local", "embedding", "base")  # stored in a bank file as the index
 
 
 def fsync_dir(path: Path) -> None:
@@ -90,7 +90,13 @@ def save_bank(bank: ClientBank, path: Path) -> None:
     """The representations and the gate's calibration, in one file (one atomic rename)."""
     topk = torch.tensor([bank.topk])
     kind = torch.tensor([REPRESENTATIONS.index(bank.representation)])
-    tensors = {"bank": bank.vectors, "loo": bank.loo, "loo_topk": topk, "representation": kind}
+    tensors = {
+        "bank": bank.vectors,
+        "loo": bank.loo,
+        "loo_topk": topk,
+        "representation": kind,
+        "trust": torch.tensor([bank.trust]),
+    }
     save_tensors(tensors, path)
 
 
@@ -112,7 +118,8 @@ def load_bank(path: Path) -> ClientBank:
         if "representation" in tensors
         else "local"
     )
-    return ClientBank(tensors["bank"], tensors["loo"], int(tensors["loo_topk"][0]), kind)
+    trust = float(tensors["trust"][0]) if "trust" in tensors else 1.0  # older banks: full trust
+    return ClientBank(tensors["bank"], tensors["loo"], int(tensors["loo_topk"][0]), kind, trust)
 
 
 LATEST = "LATEST"

@@ -15,9 +15,12 @@ e(x) for all its training prompts, computed once per local adapter. Modes:
   training prompt against the others) are the client's in-distribution score distribution; with
   τ = their q-quantile and ω = width · (median − τ),
 
-      w_local(x) = floor + (ceiling − floor) · σ((s(x) − τ) / ω),   w_global = 1 − w_local,
+      w_local(x) = t · [floor + (ceiling − floor) · σ((s(x) − τ) / ω)],   w_global = 1 − w_local,
 
-  with σ within `gate_snap` of 0 or 1 set to 0 or 1 exactly,
+  with σ within `gate_snap` of 0 or 1 set to 0 or 1 exactly, and t the client's trust in its
+  local adapter (`weighting.trust`): 1, or the local weight with the lowest loss on the client's
+  own validation slice (`feddpa.core.trust`) — 0 when the local adapter does not beat the global
+  there, so the client is served by the global adapter alone and loses nothing to FedIT,
 
   so own-task inputs lean local and unfamiliar ones lean global, per client, whatever the level
   of its cosines. It uses the client's own bank only; `weight_on` does not apply to it.
@@ -66,24 +69,28 @@ def leave_one_out_scores(vectors: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ClientBank:
-    """A client's references: (N, H) local-only representations of its training prompts, and the
-    gate's calibration, (N,) leave-one-out kNN scores with `topk` neighbours."""
+    """A client's references: (N, H) representations of its training prompts, the gate's
+    calibration, (N,) leave-one-out kNN scores with `topk` neighbours, and the client's trust in
+    its local adapter (the gate's local weight is scaled by it)."""
 
     vectors: torch.Tensor
     loo: torch.Tensor
     topk: int
     representation: str = "local"  # weighting.representation the vectors were computed with
+    trust: float = 1.0
 
     @classmethod
-    def build(cls, vectors: torch.Tensor, topk: int, representation: str = "local") -> ClientBank:
+    def build(
+        cls, vectors: torch.Tensor, topk: int, representation: str = "local", trust: float = 1.0
+    ) -> ClientBank:
         vectors = vectors.float()
-        return cls(vectors, leave_one_out_scores(vectors, topk), topk, representation)
+        return cls(vectors, leave_one_out_scores(vectors, topk), topk, representation, trust)
 
     def calibrated(self, topk: int) -> ClientBank:
         """This bank calibrated for `topk` neighbours (recomputed only if it differs)."""
         if topk == self.topk:
             return self
-        return ClientBank.build(self.vectors, topk, self.representation)
+        return ClientBank.build(self.vectors, topk, self.representation, self.trust)
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -99,13 +106,14 @@ def gate_calibration(loo: torch.Tensor, cfg: WeightingConfig) -> tuple[float, fl
 def gate_local_weights(
     scores: torch.Tensor, bank: ClientBank, cfg: WeightingConfig
 ) -> torch.Tensor:
-    """(B,) kNN scores -> (B,) local weights in [floor, ceiling], monotone in the score."""
+    """(B,) kNN scores -> (B,) local weights in trust · [floor, ceiling], monotone in the score."""
     tau, width = gate_calibration(bank.calibrated(cfg.gate_topk).loo, cfg)
     unit = torch.sigmoid((scores - tau) / width)
     # saturated rows become exactly one adapter: the same numbers as that adapter alone, and
     # rows without local weight share their computation across clients in a serving batch
     unit = torch.where(unit < cfg.gate_snap, 0.0, torch.where(unit > 1 - cfg.gate_snap, 1.0, unit))
-    return cfg.gate_floor + (cfg.gate_ceiling - cfg.gate_floor) * unit
+    trust = bank.trust if cfg.trust == "validation" else 1.0
+    return trust * (cfg.gate_floor + (cfg.gate_ceiling - cfg.gate_floor) * unit)
 
 
 def sample_references(

@@ -27,7 +27,11 @@ class Executor(Protocol):
         client_ids: list[int],
         global_state: AdapterState,
         weighting: WeightingConfig,
-    ) -> Iterator[tuple[int, ItemScores]]: ...
+        global_scores: ItemScores | None = None,
+    ) -> Iterator[tuple[int, ItemScores]]:
+        """Each client's item scores; `global_scores` (the global adapter's own) supply the items
+        whose mix is the global adapter alone."""
+        ...
 
     def evaluate_global(self, global_state: AdapterState) -> ItemScores: ...
 
@@ -59,9 +63,9 @@ class InProcessExecutor:
         for cid in tqdm(client_ids, desc=f"round {step} clients", leave=False, unit="client"):
             yield self.host.fit(cid, step, global_state, stage)
 
-    def evaluate(self, step, client_ids, global_state, weighting):
+    def evaluate(self, step, client_ids, global_state, weighting, global_scores=None):
         for cid in tqdm(client_ids, desc=f"round {step} eval", leave=False, unit="client"):
-            yield cid, self.host.evaluate(cid, global_state, step, weighting)
+            yield cid, self.host.evaluate(cid, global_state, step, weighting, global_scores)
 
     def evaluate_global(self, global_state):
         return self.host.evaluate_global(global_state)

@@ -68,9 +68,11 @@ def evaluate(
     if weighting.mode == "global_only":  # one evaluation serves every client
         items: dict[int, ItemScores] = dict.fromkeys(ids, executor.evaluate_global(global_state))
     else:
-        items = dict(executor.evaluate(step, ids, global_state, weighting))
+        # a mix's items that lean on the global adapter alone reuse its scores (computed once)
+        shared = executor.evaluate_global(global_state) if mixes_global(cfg) else None
+        items = dict(executor.evaluate(step, ids, global_state, weighting, shared))
         if cfg.method == "feddpa_t":
-            alone_scores = executor.evaluate_global(global_state)
+            alone_scores = shared
     clients = {
         str(cid): {"tasks": sorted(c.tasks), **summarize(test, items[cid], set(c.tasks))}
         for cid, c in zip(ids, manifest.clients, strict=True)
@@ -85,7 +87,7 @@ def evaluate(
                 **{
                     k: v
                     for k, v in summarize(test, alone_scores, set(c["tasks"])).items()
-                    if k in PT
+                    if k in (*PT, "scores")
                 },
             }
             for cid, c in clients.items()
@@ -95,6 +97,11 @@ def evaluate(
 
 
 PT = ("P", "TTP")
+
+
+def mixes_global(cfg: ExperimentConfig) -> bool:
+    """Whether the method's evaluation mixes the global adapter into some items."""
+    return cfg.method in ("feddpa_t", "feddpa_f") and cfg.weighting.mode != "local_only"
 
 
 def average(clients: dict[str, dict]) -> dict[str, float]:

@@ -140,11 +140,14 @@ class RayExecutor:
             yield result
 
     def evaluate(
-        self, step, client_ids, global_state, weighting
+        self, step, client_ids, global_state, weighting, global_scores=None
     ) -> Iterator[tuple[int, ItemScores]]:
         self._await_restarts()
         ref = ray.put(to_wire(global_state))
-        pending = {self.owner[c].evaluate.remote(c, ref, step, weighting): c for c in client_ids}
+        shared = ray.put(global_scores)
+        pending = {
+            self.owner[c].evaluate.remote(c, ref, step, weighting, shared): c for c in client_ids
+        }
         yield from self._gather(pending, step, "evaluate")
 
     def evaluate_global(self, global_state) -> ItemScores:

@@ -22,10 +22,10 @@ class KillBeforeEvaluation(RayExecutor):
     before the evaluation, which then runs on a host that has nothing in memory. Round 2: actor 0
     dies inside the evaluation of the global adapter alone; another actor must take it over."""
 
-    def evaluate(self, step, client_ids, global_state, weighting):
+    def evaluate(self, step, client_ids, global_state, weighting, global_scores=None):
         if step == 1:
             restart(self.actors[0])
-        yield from super().evaluate(step, client_ids, global_state, weighting)
+        yield from super().evaluate(step, client_ids, global_state, weighting, global_scores)
 
     def evaluate_global(self, global_state):
         if getattr(self, "_step", None) == 2:

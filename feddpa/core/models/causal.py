@@ -158,11 +158,9 @@ class CausalLMModel:
     def represent(self, texts: list[str], local: Mix = LOCAL_ONLY) -> torch.Tensor:
         """(B, H) e(x) with the local adapter alone (`local` routes rows to local adapters)."""
         batch = self._prompt_batch(texts)
-        with mixed(self.peft, local):
-            out = self.peft(**batch, output_hidden_states=True)
-        return (
-            out.hidden_states[-1][:, -1, :].float().cpu()
-        )  # left padding: last = last prompt token
+        with mixed(self.peft, local):  # the LM head on the last position only: logits unused
+            out = self.peft(**batch, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1][:, -1, :].float().cpu()  # left padding: last prompt token
 
     @torch.no_grad()
     def generate(
