@@ -35,12 +35,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 from causal_profile import profile_seed, zero_shot  # noqa: E402
 from causal_report import render  # noqa: E402
-from paired import paired  # noqa: E402
 from quality import DATASET1  # noqa: E402
 
 from feddpa.core.config import build_config, save_config  # noqa: E402
 from feddpa.orchestrator.executor import InProcessExecutor  # noqa: E402
 from feddpa.orchestrator.loop import train  # noqa: E402
+from feddpa.orchestrator.paired import paired  # noqa: E402
 from feddpa.orchestrator.report import run_summary  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2_dataset1.yaml"
@@ -163,6 +163,7 @@ def main() -> int:
     ap.add_argument("--test-per-task", type=int, default=25, help="test items per task")
     ap.add_argument("--set", action="append", default=[], help="SECTION.KEY=VALUE for every run")
     ap.add_argument("--report-only", action="store_true", help="tables from finished seeds only")
+    ap.add_argument("--name", default="quality-causal", help="results file stem under --out")
     args = ap.parse_args()
     t0 = time.perf_counter()
     seeds, per_seed, profiles = [], [], {}
@@ -207,8 +208,8 @@ def main() -> int:
         "report_s": time.perf_counter() - t0,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality-causal.json").write_text(json.dumps(result, indent=1))
-    (args.out / "quality-causal.md").write_text(render(result))
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{args.name}.md").write_text(render(result))
     print(render(result))
     return 0
 

@@ -45,11 +45,21 @@ def default_run_dir(cfg: ExperimentConfig) -> Path:
 
 
 def print_results(run_dir: Path, title: str) -> None:
-    from feddpa.orchestrator.report import run_summary, with_global_alone, write_report
+    from feddpa.datasets import read_manifest, read_test
+    from feddpa.orchestrator.report import (
+        fedit_comparison,
+        run_summary,
+        with_global_alone,
+        write_report,
+    )
 
     summary = run_summary(run_dir)
     table = write_report(with_global_alone(title, summary), run_dir / "results", title)
     print(f"\n{title} — P (own task) and TTP (all tasks), %\n\n{table}")
+    data = str(run_dir / "data")
+    item_tasks = [ex.task for ex in read_test(data, read_manifest(data))]
+    if (line := fedit_comparison(summary, item_tasks, title)) is not None:
+        print(line)
     print(f"tables and plots: {run_dir / 'results'}")
 
 

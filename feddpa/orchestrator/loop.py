@@ -71,8 +71,7 @@ def evaluate(
         # a mix's items that lean on the global adapter alone reuse its scores (computed once)
         shared = executor.evaluate_global(global_state) if mixes_global(cfg) else None
         items = dict(executor.evaluate(step, ids, global_state, weighting, shared))
-        if cfg.method == "feddpa_t":
-            alone_scores = shared
+        alone_scores = shared  # FedIT beside FedDPA: their global trajectories are the same
     clients = {
         str(cid): {"tasks": sorted(c.tasks), **summarize(test, items[cid], set(c.tasks))}
         for cid, c in zip(ids, manifest.clients, strict=True)
@@ -80,7 +79,7 @@ def evaluate(
     }
     record = {"weighting": weighting.mode, "avg": average(clients), "clients": clients}
     if alone_scores is not None:
-        # FedDPA-T's global trajectory is FedIT's: FedIT's P/TTP read from this very run
+        # FedDPA-T's and FedDPA-F's global trajectory is FedIT's: FedIT read from this very run
         alone = {
             cid: {
                 "tasks": c["tasks"],

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from feddpa.core.storage import read_jsonl  # noqa: E402
+from feddpa.orchestrator.paired import paired  # noqa: E402
 
 Summary = dict  # {"final": eval record, "curve": [[round, P, TTP], ...]}
 
@@ -45,6 +46,36 @@ def with_global_alone(name: str, summary: Summary) -> dict[str, Summary]:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
+
+
+def fedit_comparison(summary: Summary, item_tasks: list[str], name: str) -> str | None:
+    """'NAME − FedIT: P +x.xx [lo, hi], TTP ...' (points, paired on the same test items, 95 %
+    bootstrap interval over items), for a run that scored its global adapter alone beside the
+    mix; None otherwise (or for records written before per-item scores were kept)."""
+    final = summary["final"]
+    alone = final.get("global_only")
+    if alone is None or any("scores" not in c for c in final["clients"].values()):
+        return None
+    if any("scores" not in c for c in alone["clients"].values()):
+        return None
+
+    def runs(record: dict) -> list[dict]:
+        return [
+            {
+                cid: {"task": c["tasks"][0], "scores": c["scores"]}
+                for cid, c in record["clients"].items()
+            }
+        ]
+
+    diff = paired(runs(final), runs(alone), item_tasks)
+    cells = [
+        f"{k} {100 * diff[k]['mean']:+.2f} [{100 * diff[k]['lo']:+.2f}, {100 * diff[k]['hi']:+.2f}]"
+        for k in ("P", "TTP")
+    ]
+    return (
+        f"{name} − FedIT (its global adapter alone), paired on the same items, 95 % interval: "
+        + ", ".join(cells)
+    )
 
 
 def table_rows(summaries: dict[str, Summary]) -> list[dict]:
@@ -126,12 +157,19 @@ def plot_clients(summaries: dict[str, Summary], path: Path) -> None:
             ax.bar([j + i * width for j in range(len(clients))], vals, width, label=m)
         ax.set_ylabel(f"{key} (%)")
         ax.grid(axis="y", alpha=0.3)
-    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(clients))], clients)
+    tasks = [task_label(summaries[methods[0]]["final"]["clients"][c]["tasks"]) for c in clients]
+    labels = [f"{c}\n{t}" for c, t in zip(clients, tasks, strict=True)]
+    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(clients))], labels, fontsize=7)
     axes[1].set_xlabel("client")
     axes[0].legend(ncol=len(methods), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def task_label(tasks: list[str]) -> str:
+    """A client's task(s) for a plot's axis: its task, or how many it holds."""
+    return tasks[0][:18] if len(tasks) == 1 else f"{len(tasks)} tasks"
 
 
 def weight_table(summary: Summary) -> str:
@@ -160,7 +198,7 @@ def plot_weights(summary: Summary, path: Path) -> None:
         for key, color in (("own", "tab:orange"), ("other", "tab:blue")):
             total = max(1, sum(hist[key]))
             ax.bar(xs, [n / total for n in hist[key]], 1 / bins, alpha=0.6, color=color, label=key)
-        ax.set_title(f"client {cid}", fontsize=9)
+        ax.set_title(f"client {cid}: {task_label(c['tasks'])}", fontsize=9)
         ax.set_xlim(0, 1)
     for ax in list(axes.flat)[len(clients) :]:
         ax.axis("off")

@@ -13,6 +13,7 @@ from feddpa.core.evaluation import representations
 from feddpa.core.models import build_task_model
 from feddpa.core.storage import client_dir, load_adapter, load_bank
 from feddpa.orchestrator.executor import InProcessExecutor
+from feddpa.orchestrator.report import fedit_comparison, run_summary
 
 TRUST = {
     "data": {"train_per_task": 10, "validation_fraction": 0.2},
@@ -50,6 +51,11 @@ def test_the_validation_slice_is_never_trained_on_and_sets_each_clients_trust(
         assert bank.trust in cfg.weighting.trust_grid and bank.representation == "base"
         assert len(bank) == 8  # the bank holds the trained items only
     assert set(final["clients"]) == {"0", "1"}
+    # FedDPA-F's final evaluation carries FedIT (its global adapter alone) and the paired line
+    assert set(final["global_only"]["clients"]) == {"0", "1"}
+    item_tasks = [ex.task for ex in host.test]
+    line = fedit_comparison(run_summary(run_dir), item_tasks, "FedDPA-F")
+    assert line is not None and line.startswith("FedDPA-F − FedIT") and "TTP" in line
 
 
 def test_the_frozen_model_representation_ignores_the_local_adapter(small_cfg, tiny_llama_dir):
