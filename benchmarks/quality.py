@@ -43,7 +43,16 @@ from feddpa.orchestrator.reevaluate import RunEvaluator  # noqa: E402
 from feddpa.orchestrator.report import markdown_table, run_summary, write_report  # noqa: E402
 
 DATASET1 = Path(__file__).resolve().parents[2] / "shared/data/feddpa/dataset1"  # read by path
-GATE = {"mode": "gate", "gate_quantile": 0.05, "gate_width": 1.0}  # our default (held-out choice)
+# our default: the calibrated gate on the frozen model's representation of the whole prompt,
+# scaled per client by its trust in its local adapter (chosen on its validation slice)
+GATE = {
+    "mode": "gate",
+    "gate_quantile": 0.05,
+    "gate_width": 1.0,
+    "representation": "base",
+    "trust": "validation",
+}
+VALIDATION_FRACTION = 0.2  # each client's validation slice (kept out of training for every method)
 DEFAULT_WEIGHTING = GATE  # without the ablation (--no-ablation), and for Local/Centralized
 TRAIN_CAP = 100  # the full profile's training items per client (dataset 1 has 300 per client)
 MC_TASKS = ["definite_pronoun_resolution", "snli", "cola", "glue_qqp", "trec", "wic"]
@@ -102,6 +111,7 @@ def base_config(
         "source": bench if bench in BUILT_IN else "synthetic",
         "train_per_task": profile["train_per_task"],
         "test_per_task": 50,
+        "validation_fraction": VALIDATION_FRACTION,
         "seed": seed,
     }
     if bench == "dataset1":
@@ -110,6 +120,7 @@ def base_config(
             "path": str(dataset1),
             "tasks": MC_TASKS,
             "max_train_per_client": profile["train_per_task"],
+            "validation_fraction": VALIDATION_FRACTION,
             "seed": seed,
         }
     return {

@@ -203,9 +203,6 @@ class ClientHost:
             state.local = self.engine.adapter_state(LOCAL)
             state.bank = None
             if needs_bank(self.weighting):
-                # trust is judged against the global adapter this client was sent, not its own
-                # update of it (which has seen the client's data this round)
-                self.engine.load_adapter_state(GLOBAL, global_state)
                 state.bank = self._bank(cid, self.weighting)
             if stage is not None:
                 self.write_client(cid, stage)
@@ -224,21 +221,43 @@ class ClientHost:
         stage_client(root, cid, write)
 
     def _bank(self, cid: int, weighting: WeightingConfig) -> ClientBank:
-        """The client's bank under the adapters now loaded, with its trust in the local adapter
-        chosen on its validation slice when `weighting.trust` is 'validation'."""
+        """The client's bank under the local adapter now loaded. With `weighting.trust`
+        'validation' its trust starts at 0 (the global adapter alone) until `calibrate` has
+        measured it against the round's aggregated global: a client whose calibration fails is
+        served as FedIT, never by an unmeasured local adapter."""
         state, batch = self.clients[cid], self.cfg.eval.batch_size
         bank = representation_bank(self.model, state.data, weighting, batch)
-        if weighting.trust != "validation" or not state.validation:
-            return bank
-        losses = validation_losses(self.model, state.validation, weighting.trust_grid, batch)
+        return replace(bank, trust=0.0) if weighting.trust == "validation" else bank
+
+    def calibrate(
+        self, cid: int, global_state: AdapterState, step: int, stage: Path | None
+    ) -> float | None:
+        """Choose client `cid`'s trust in its local adapter against `global_state` (the round's
+        aggregated global, the one it will be mixed with) on its validation slice, and restage
+        its bank; None when the weighting does not use trust or the client has nothing to trust."""
+        state = self._current(cid, step)
+        if (
+            self.weighting.trust != "validation"
+            or state.local is None
+            or state.bank is None
+            or not state.validation
+        ):
+            return None
+        self._load(global_state, cid)
+        batch = self.cfg.eval.batch_size
+        losses = validation_losses(self.model, state.validation, self.weighting.trust_grid, batch)
         trust = choose_trust(losses)
         log.info(
-            "client %d: trust %.2f in its local adapter (validation loss by local weight: %s)",
+            "round %d client %d: trust %.2f in its local adapter (validation loss by weight: %s)",
+            step,
             cid,
             trust,
             {t: round(v, 4) for t, v in losses.items()},
         )
-        return replace(bank, trust=trust)
+        state.bank = replace(state.bank, trust=trust)
+        if stage is not None:
+            self.write_client(cid, stage)
+        return trust
 
     def _shared_queries(self, weighting: WeightingConfig) -> torch.Tensor | None:
         """(N, H) representations of the test set that every client shares (computed once)."""

@@ -71,6 +71,12 @@ class ClientActor:
         state = from_wire(global_state).state()
         return cid, self.host.evaluate(cid, state, step, weighting, global_scores)
 
+    def calibrate(
+        self, cid: int, global_state: Wire, step: int, stage: str
+    ) -> tuple[int, float | None]:
+        state = from_wire(global_state).state()
+        return cid, self.host.calibrate(cid, state, step, Path(stage))
+
     def evaluate_global(self, global_state: Wire) -> ItemScores:
         return self.host.evaluate_global(from_wire(global_state).state())
 

@@ -126,10 +126,11 @@ def test_mix(
     return mix_rows(rows, torch.cat([q for q in queries if q is not None]))
 
 
-def length_order(model: TaskModel, test: list[Example], indices: list[int]) -> list[int]:
-    """`indices` by prompt length, longest first: batches of like lengths pad less and (when
-    generating) finish together."""
-    return sorted(indices, key=lambda i: -len(model.query_text(test[i])))
+def batch_order(model: TaskModel, test: list[Example], indices: list[int]) -> list[int]:
+    """`indices` grouped by task, then by prompt length, longest first: a batch's rows pad
+    little and, when generating, answer alike and stop together (generation runs until its
+    batch's longest answer ends; a one-word label beside a paragraph decodes for nothing)."""
+    return sorted(indices, key=lambda i: (test[i].task, -len(model.query_text(test[i]))))
 
 
 @torch.no_grad()
@@ -159,7 +160,7 @@ def score_items(
         for i in alone:
             scores[i] = global_scores.scores[i]
         todo = [i for i in todo if i not in alone]
-    for idx in chunks(length_order(model, test, todo), batch_size):
+    for idx in chunks(batch_order(model, test, todo), batch_size):
         batch_scores, _ = model.score([test[i] for i in idx], mix.rows(torch.tensor(idx)))
         for i, score in zip(idx, batch_scores, strict=True):
             scores[i] = score

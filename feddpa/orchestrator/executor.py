@@ -35,6 +35,13 @@ class Executor(Protocol):
 
     def evaluate_global(self, global_state: AdapterState) -> ItemScores: ...
 
+    def calibrate(
+        self, step: int, client_ids: list[int], global_state: AdapterState, stage: Path
+    ) -> Iterator[tuple[int, float | None]]:
+        """Each client's trust in its local adapter against the aggregated `global_state`, its
+        bank restaged with it (`ClientHost.calibrate`)."""
+        ...
+
     def initial_global(self) -> AdapterState: ...
 
     def round_stats(self) -> dict:
@@ -69,6 +76,10 @@ class InProcessExecutor:
 
     def evaluate_global(self, global_state):
         return self.host.evaluate_global(global_state)
+
+    def calibrate(self, step, client_ids, global_state, stage):
+        for cid in client_ids:
+            yield cid, self.host.calibrate(cid, global_state, step, stage)
 
     def initial_global(self):
         return self.host.initial_global()

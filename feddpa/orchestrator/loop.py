@@ -261,6 +261,7 @@ def run_step(
     ckpts.drop_unreported(stage, reported)  # evaluation reads staged files of reporters only
     if avg.count:
         global_state = avg.result()
+    trust = calibrate(executor, cfg, step, sorted(reported), global_state, stage)
     t_agg = time.perf_counter()
     evaluation = (
         evaluate(executor, cfg, manifest, test, step, global_state) if eval_due(cfg, step) else {}
@@ -284,6 +285,7 @@ def run_step(
         "bytes_down": global_bytes * len(fit_ids),
         "timing": timing,
         "eval": evaluation,
+        "trust": trust,
         "failures": stats["failures"] + eval_stats["failures"],
     }
     state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled, "clients": ids}
@@ -298,6 +300,23 @@ def run_step(
             "round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"]
         )
     return global_state, evaluation
+
+
+def calibrate(
+    executor: Executor,
+    cfg: ExperimentConfig,
+    step: int,
+    reported: list[int],
+    global_state: AdapterState,
+    stage: Path,
+) -> dict[str, float]:
+    """{client: trust} of the clients that trained a local adapter this step, measured against
+    the aggregated global they will be mixed with (not the one they were sent: it is a round
+    older, and on dataset 1 a round changes which adapter wins)."""
+    if cfg.weighting.trust != "validation" or not algorithms.trains_local(cfg):
+        return {}
+    found = executor.calibrate(step, reported, global_state, stage)
+    return {str(cid): t for cid, t in found if t is not None}
 
 
 def run_manifest(run_dir: Path) -> Manifest:

@@ -150,6 +150,15 @@ class RayExecutor:
         }
         yield from self._gather(pending, step, "evaluate")
 
+    def calibrate(
+        self, step, client_ids, global_state, stage
+    ) -> Iterator[tuple[int, float | None]]:
+        """A client whose call fails keeps the trust 0 its fit staged (served as FedIT)."""
+        self._await_restarts()
+        ref = ray.put(to_wire(global_state))
+        pending = {self.owner[c].calibrate.remote(c, ref, step, str(stage)): c for c in client_ids}
+        yield from self._gather(pending, step, "calibrate")
+
     def evaluate_global(self, global_state) -> ItemScores:
         """On the first actor that answers: one that dies meanwhile hands the call to the next
         (the scores do not depend on which host computes them)."""

@@ -3,6 +3,9 @@ Llama: what the benchmarks build on (FedDPA-F forked from FedDPA-T's rounds; Fed
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from test_runner import latest_round, llama_cfg
 
@@ -36,12 +39,16 @@ def test_fedit_and_feddpa_t_share_one_global_trajectory_bit_for_bit(
         assert torch.equal(value, globals_["feddpa_t"][key]), key
 
 
-def test_the_validation_slice_is_never_trained_on_and_sets_each_clients_trust(
-    small_cfg, tiny_llama_dir, tmp_path
-):
+@pytest.fixture(scope="module")
+def f_run(small_cfg, tiny_llama_dir, tmp_path_factory):
     cfg = llama_cfg(small_cfg, tiny_llama_dir, {"method": "feddpa_f", **TRUST})
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path_factory.mktemp("f_run") / "run"
     final = loop.train(cfg, run_dir, InProcessExecutor)
+    return cfg, run_dir, final
+
+
+def test_the_validation_slice_is_never_trained_on_and_sets_each_clients_trust(f_run):
+    cfg, run_dir, final = f_run
     host = ClientHost(cfg, str(run_dir / "data"), [0, 1])
     for cid, state in host.clients.items():
         assert (len(state.data), len(state.validation)) == (8, 2)
@@ -73,3 +80,21 @@ def test_the_frozen_model_representation_ignores_the_local_adapter(small_cfg, ti
                 p.add_(torch.randn_like(p))
     assert torch.equal(representations(model, texts, "base"), before)
     assert not torch.allclose(representations(model, texts, "local"), local_before)
+
+
+def test_a_fit_stages_trust_zero_and_calibration_measures_it_against_the_aggregated_global(
+    f_run, tmp_path
+):
+    """Until `calibrate` has run against the global the client will be mixed with, its bank says
+    0 (served as FedIT); calibration then gives the trust the run committed and logged."""
+    cfg, run_dir, _ = f_run
+    step = cfg.federation.rounds  # FedDPA-F's fine-tuning step
+    final_global = load_adapter(latest_round(run_dir) / "global")
+    host = ClientHost(cfg, str(run_dir / "data"), [0])
+    host.fit(0, step, final_global, tmp_path)
+    assert load_bank(client_dir(tmp_path, 0) / "bank.safetensors").trust == 0.0
+    trust = host.calibrate(0, final_global, step, tmp_path)
+    committed = load_bank(client_dir(latest_round(run_dir), 0) / "bank.safetensors").trust
+    assert trust == committed == load_bank(client_dir(tmp_path, 0) / "bank.safetensors").trust
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["trust"] == {"0": committed, "1": pytest.approx(logged[-1]["trust"]["1"])}
