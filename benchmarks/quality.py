@@ -439,7 +439,8 @@ def set_threads(jobs: int) -> None:
     """Parallel runs share the cores instead of oversubscribing them."""
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    threads = int(os.environ.get("FEDDPA_BENCH_THREADS", 0))  # e.g. 1 beside another benchmark
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // jobs))
 
 
 def init_worker(jobs: int) -> None:

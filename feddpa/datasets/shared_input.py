@@ -24,7 +24,6 @@ from (seed, stream name); the global RNG is never touched.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 
 from feddpa.core.records import Example
@@ -34,11 +33,11 @@ from feddpa.datasets.synthetic import (
     _PLACES,
     _SENTIMENT,
     _conflict_pair,
-    _draw_examples,
     _Family,
     _shared_task,
     _Task,
     _words,
+    draw_federation,
 )
 
 ATTRIBUTES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
@@ -156,16 +155,4 @@ def generate_shared_input(
     Deterministic in `seed`. Tasks come in `SHARED_INPUT_TASKS` order; within a task the items
     are shuffled and no test stem occurs in the train split.
     """
-    if train_per_task < 1 or test_per_task < 0:
-        raise ValueError(
-            f"generate_shared_input: need train_per_task >= 1 and test_per_task >= 0, "
-            f"got train_per_task={train_per_task}, test_per_task={test_per_task}"
-        )
-    train: dict[str, list[Example]] = {}
-    test: list[Example] = []
-    for task in _TASKS:
-        rng = random.Random(f"feddpa-shared-input:{seed}:{task.stream}")
-        seen: set[str] = set()
-        train[task.name] = _draw_examples(task, rng, train_per_task, seen)
-        test.extend(_draw_examples(task, rng, test_per_task, seen))
-    return train, test
+    return draw_federation("shared_input", _TASKS, seed, train_per_task, test_per_task)

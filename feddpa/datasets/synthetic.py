@@ -337,15 +337,23 @@ def generate_synthetic(
     Deterministic in `seed`. Tasks come in `SYNTHETIC_TASKS` order; within a task the items are
     shuffled and no test stem occurs in the train split.
     """
+    return draw_federation("synthetic", _TASKS, seed, train_per_task, test_per_task)
+
+
+def draw_federation(
+    name: str, tasks: tuple[_Task, ...], seed: int, train_per_task: int, test_per_task: int
+) -> tuple[dict[str, list[Example]], list[Example]]:
+    """Train and test items of every task of a built-in federation: each task draws from its own
+    `random.Random` seeded from (name, seed, stream), train first, test stems never in train."""
     if train_per_task < 1 or test_per_task < 0:
         raise ValueError(
-            f"generate_synthetic: need train_per_task >= 1 and test_per_task >= 0, "
+            f"generate_{name}: need train_per_task >= 1 and test_per_task >= 0, "
             f"got train_per_task={train_per_task}, test_per_task={test_per_task}"
         )
     train: dict[str, list[Example]] = {}
     test: list[Example] = []
-    for task in _TASKS:
-        rng = random.Random(f"feddpa-synthetic:{seed}:{task.stream}")
+    for task in tasks:
+        rng = random.Random(f"feddpa-{name.replace('_', '-')}:{seed}:{task.stream}")
         seen: set[str] = set()
         train[task.name] = _draw_examples(task, rng, train_per_task, seen)
         test.extend(_draw_examples(task, rng, test_per_task, seen))

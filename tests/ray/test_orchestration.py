@@ -16,18 +16,35 @@ from feddpa.orchestrator.ray_executor import RayExecutor
 pytestmark = pytest.mark.ray
 
 
-def test_ray_equals_in_process(ray_local, tmp_path):
-    """Same seed and config: identical global and local adapters, bit for bit.
+TRUST = {
+    "data": {"validation_fraction": 0.25},
+    "weighting": {"representation": "base", "trust": "validation"},
+}
+
+
+@pytest.mark.parametrize("sections", [{}, TRUST], ids=["default", "trust"])
+def test_ray_equals_in_process(ray_local, tmp_path, sections):
+    """Same seed and config: identical global and local adapters and banks, bit for bit (with
+    trust: each client's trust, calibrated by its actor against the aggregated global, too).
 
     Exact equality holds because every client's randomness derives from (seed, round, client,
     phase), each process runs torch with one thread, and FedAvg sums in float64 so the arrival
     order of updates cannot change the float32 average."""
-    cfg = tiny_config()
+    cfg = tiny_config(**sections)
     train(cfg, tmp_path / "inproc", InProcessExecutor)
     train(cfg, tmp_path / "ray", RayExecutor)
     reference = adapter_hashes(tmp_path / "inproc")
     assert any(k.startswith("clients/") and "/local/" in k for k in reference)
     assert adapter_hashes(tmp_path / "ray") == reference
+    logged = [
+        [
+            json.loads(x)["trust"]
+            for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in ("inproc", "ray")
+    ]
+    assert logged[0] == logged[1]
+    assert bool(logged[0][-1]) == bool(sections)  # four clients calibrated in the last round
 
 
 class RecordingExecutor(RayExecutor):
