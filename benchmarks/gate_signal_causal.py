@@ -1,0 +1,115 @@
+"""Which representation should the gate use with a causal LM? Own-vs-other ROC-AUC of the gate's
+kNN score (mean of the top-5 cosines to the client's bank of training prompts) per client, for the
+frozen model's hidden states: the last prompt token (the paper's choice) or the mean over the
+prompt's tokens, at the final or the middle layer.
+
+    python benchmarks/gate_signal_causal.py RUN_DIR      # a causal run (its data and config)
+
+Held-out training data only, never the test split: each client's bank is its training part, the
+queries are every client's validation slice (`data.validation_fraction`, split as the hosts split
+it). Only the frozen model is read (no adapter), so the run's checkpoints do not matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_common import machine_info, write_results
+from sklearn.metrics import roc_auc_score
+
+from feddpa.actors.host import ClientHost
+from feddpa.core.adapters import mixed
+from feddpa.core.config import load_config
+from feddpa.core.evaluation import NO_ADAPTER, chunks
+from feddpa.datasets import read_manifest
+
+TOPK = 5
+
+
+@torch.no_grad()
+def hidden(model, texts: list[str]) -> dict[str, torch.Tensor]:
+    """{"layer/pooling": (N, H)} of the frozen model for the final and middle layers."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for batch_texts in chunks(texts, 16):
+        batch = model._prompt_batch(batch_texts)  # left-padded, as the gate's own pass
+        with mixed(model.peft, NO_ADAPTER):
+            states = model.peft(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        for name, h in (("final", states[-1]), ("middle", states[len(states) // 2])):
+            h = h.float()
+            out.setdefault(f"{name}/last", []).append(h[:, -1])
+            out.setdefault(f"{name}/mean", []).append((h * mask).sum(1) / mask.sum(1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def knn(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    q = torch.nn.functional.normalize(queries, dim=-1)
+    b = torch.nn.functional.normalize(bank, dim=-1)
+    return (q @ b.T).topk(min(TOPK, len(b)), dim=1).values.mean(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", default="gate-signal-causal")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    cfg = load_config(args.run_dir / "config.yaml")
+    data = str(args.run_dir / "data")
+    manifest = read_manifest(data)
+    host = ClientHost(cfg, data, manifest.client_ids)  # the train / validation split of a run
+    model = host.model
+    test = [ex for state in host.clients.values() for ex in state.validation]
+    queries = hidden(model, [model.query_text(e) for e in test])
+    per_client: dict[str, dict[str, float]] = {}
+    for info in manifest.clients:
+        train = host.clients[info.client_id].data
+        bank = hidden(model, [model.query_text(e) for e in train])
+        labels = [e.task in info.tasks for e in test]
+        per_client[sorted(info.tasks)[0]] = {
+            k: float(roc_auc_score(labels, knn(queries[k], bank[k]))) for k in queries
+        }
+    choices = sorted(next(iter(per_client.values())))
+    summary = {
+        c: {
+            "mean": statistics.mean(v[c] for v in per_client.values()),
+            "min": min(v[c] for v in per_client.values()),
+        }
+        for c in choices
+    }
+    ranked = sorted(choices, key=lambda c: -summary[c]["mean"])
+    lines = [
+        f"# Gate signal with a causal LM: own-vs-other ROC-AUC ({cfg.model.path}, frozen model)",
+        "",
+        f"Command: `python benchmarks/gate_signal_causal.py {args.run_dir}`. Score: mean of the "
+        f"top-{TOPK} cosines to the client's training prompts; queries: the {len(test)} "
+        "validation items of all clients (held out of training; no test item).",
+        "",
+        "| layer/pooling | mean AUC | worst | " + " | ".join(per_client) + " |",
+        "|---|---:|---:|" + "---:|" * len(per_client),
+    ]
+    for c in ranked:
+        cells = " | ".join(f"{v[c]:.3f}" for v in per_client.values())
+        lines.append(f"| {c} | {summary[c]['mean']:.3f} | {summary[c]['min']:.3f} | {cells} |")
+    meta = {**machine_info(), "total_s": time.perf_counter() - start, "run_dir": str(args.run_dir)}
+    figures = {"best_mean_auc": (summary[ranked[0]]["mean"], None, None)}
+    write_results(
+        args.out,
+        args.name,
+        figures,
+        {"per_client": per_client, "summary": summary},
+        meta,
+        "\n".join(lines) + "\n",
+    )
+    print("\n".join(lines))
+    print(json.dumps(summary[ranked[0]]))
+
+
+if __name__ == "__main__":
+    main()
