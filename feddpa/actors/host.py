@@ -261,15 +261,15 @@ class ClientHost:
 
     def _shared_queries(self, weighting: WeightingConfig) -> torch.Tensor | None:
         """(N, H) representations of the test set that every client shares (computed once)."""
-        rep = weighting.representation
+        rep, key = weighting.representation, f"{weighting.representation}@{weighting.layer}"
         if not (needs_bank(weighting) and client_independent(rep)):
             return None
-        if rep not in self._shared_reps:
+        if key not in self._shared_reps:
             texts = [self.model.query_text(e) for e in self.test]
-            self._shared_reps[rep] = representations_batched(
-                self.model, texts, rep, self.cfg.eval.batch_size
+            self._shared_reps[key] = representations_batched(
+                self.model, texts, weighting, self.cfg.eval.batch_size
             )
-        return self._shared_reps[rep]
+        return self._shared_reps[key]
 
     def evaluate(
         self,
@@ -287,11 +287,14 @@ class ClientHost:
         state = self._current(cid, step)
         has_local = state.local is not None
         self._load(global_state, cid)
+        kind = (weighting.representation, weighting.layer)
         other_kind = (
-            state.bank is not None and state.bank.representation != weighting.representation
+            state.bank is not None and (state.bank.representation, state.bank.layer) != kind
         )
         if has_local and needs_bank(weighting) and (state.bank is None or other_kind):
-            state.bank = self._bank(cid, weighting)
+            bank = self._bank(cid, weighting)  # trust 0 under 'validation' until calibrated
+            # a measured trust does not depend on the gate's representation: it is kept
+            state.bank = bank if state.bank is None else replace(bank, trust=state.bank.trust)
         client = ClientWeighting(cid, state.bank, has_local)
         return score_items(
             self.model,

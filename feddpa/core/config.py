@@ -146,6 +146,13 @@ class WeightingConfig(_Frozen):
         "for every client, so computed once per input); 'embedding' = mean input token embedding "
         "(no forward pass)",
     )
+    layer: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="depth of e(x) for 'local' / 'base': the hidden state after this fraction of "
+        "the layers (1 = the final layer; 0.5 = the middle one)",
+    )
     trust: Literal["full", "validation"] = Field(
         "full",
         description="'gate': how far the local adapter is trusted on the client's own inputs "

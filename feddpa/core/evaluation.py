@@ -9,12 +9,12 @@ is the mean over its items, P and TTP are means over items.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from feddpa.core import algorithms
-from feddpa.core.adapters import Mix
+from feddpa.core.adapters import LOCAL_ONLY, Mix
 from feddpa.core.config import WeightingConfig
 from feddpa.core.models import TaskModel, token_embedding_means
 from feddpa.core.records import Example
@@ -55,7 +55,11 @@ def client_independent(representation: str) -> bool:
 
 
 def representations(
-    model: TaskModel, texts: list[str], representation: str, local: Mix | None = None
+    model: TaskModel,
+    texts: list[str],
+    representation: str,
+    local: Mix | None = None,
+    layer: float = 1.0,
 ) -> torch.Tensor:
     """(B, H) e(x) of `texts` as weighting.representation says: the final hidden state with the
     local adapter alone (`local` routes rows to their clients' adapters in serving; default the
@@ -64,17 +68,18 @@ def representations(
     if representation == "embedding":
         return token_embedding_means(model, texts)
     if representation == "base":
-        return model.represent(texts, NO_ADAPTER)
-    return model.represent(texts) if local is None else model.represent(texts, local)
+        return model.represent(texts, NO_ADAPTER, layer)
+    return model.represent(texts, LOCAL_ONLY if local is None else local, layer)
 
 
 @torch.no_grad()
 def representations_batched(
-    model: TaskModel, texts: list[str], representation: str, batch_size: int
+    model: TaskModel, texts: list[str], cfg: WeightingConfig, batch_size: int
 ) -> torch.Tensor:
     """(N, H) `representations` of many texts, `batch_size` at a time (bounded memory)."""
+    rep, layer = cfg.representation, cfg.layer
     return torch.cat(
-        [representations(model, b, representation) for b in chunks(texts, batch_size)]
+        [representations(model, b, rep, layer=layer) for b in chunks(texts, batch_size)]
     ).float()
 
 
@@ -85,9 +90,8 @@ def representation_bank(
     """The client's training prompts' representations, (N, H), calibrated for the gate."""
     rep = cfg.representation
     texts = [model.query_text(e) for e in data]
-    return ClientBank.build(
-        representations_batched(model, texts, rep, batch_size), cfg.gate_topk, rep
-    )
+    vectors = representations_batched(model, texts, cfg, batch_size)
+    return replace(ClientBank.build(vectors, cfg.gate_topk, rep), layer=cfg.layer)
 
 
 def query_representations(
@@ -97,12 +101,13 @@ def query_representations(
     wanted = [i for i, r in enumerate(rows) if r.needs_query]
     if not wanted:
         return None
-    kinds = {rows[i].cfg.representation for i in wanted}
+    kinds = {(rows[i].cfg.representation, rows[i].cfg.layer) for i in wanted}
     if len(kinds) > 1:
         raise ValueError(f"one batch mixes representations {sorted(kinds)}")
     texts = [model.query_text(examples[i]) for i in wanted]
     route = None if local is None else local.rows(torch.tensor(wanted))
-    return representations(model, texts, kinds.pop(), route)
+    rep, layer = kinds.pop()
+    return representations(model, texts, rep, route, layer)
 
 
 def test_mix(

@@ -96,6 +96,7 @@ def save_bank(bank: ClientBank, path: Path) -> None:
         "loo_topk": topk,
         "representation": kind,
         "trust": torch.tensor([bank.trust]),
+        "layer": torch.tensor([bank.layer]),
     }
     save_tensors(tensors, path)
 
@@ -119,7 +120,9 @@ def load_bank(path: Path) -> ClientBank:
         else "local"
     )
     trust = float(tensors["trust"][0]) if "trust" in tensors else 1.0  # older banks: full trust
-    return ClientBank(tensors["bank"], tensors["loo"], int(tensors["loo_topk"][0]), kind, trust)
+    layer = float(tensors["layer"][0]) if "layer" in tensors else 1.0  # older banks: final
+    topk = int(tensors["loo_topk"][0])
+    return ClientBank(tensors["bank"], tensors["loo"], topk, kind, trust, layer)
 
 
 LATEST = "LATEST"

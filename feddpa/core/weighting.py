@@ -37,7 +37,7 @@ A client that never trained a local adapter is served by the global adapter alon
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +78,7 @@ class ClientBank:
     topk: int
     representation: str = "local"  # weighting.representation the vectors were computed with
     trust: float = 1.0
+    layer: float = 1.0  # weighting.layer the vectors were computed at
 
     @classmethod
     def build(
@@ -90,7 +91,8 @@ class ClientBank:
         """This bank calibrated for `topk` neighbours (recomputed only if it differs)."""
         if topk == self.topk:
             return self
-        return ClientBank.build(self.vectors, topk, self.representation, self.trust)
+        rebuilt = ClientBank.build(self.vectors, topk, self.representation, self.trust)
+        return replace(rebuilt, layer=self.layer)
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -170,11 +172,12 @@ def instance_mix(
         return mix_for_weight(cfg.fixed, cfg.weight_on)
     if queries is None or bank is None or len(bank) == 0:
         raise ValueError(f"weighting mode {cfg.mode!r} needs query representations and a bank")
-    if bank.representation != cfg.representation:
+    if (bank.representation, bank.layer) != (cfg.representation, cfg.layer):
         raise ValueError(
-            f"the client's bank holds {bank.representation!r} representations but "
-            f"weighting.representation is {cfg.representation!r}: rebuild the bank or set "
-            f"weighting.representation={bank.representation}"
+            f"the client's bank holds {bank.representation!r} representations at layer "
+            f"{bank.layer} but weighting.representation is {cfg.representation!r} at layer "
+            f"{cfg.layer}: rebuild the bank or set weighting.representation="
+            f"{bank.representation} weighting.layer={bank.layer}"
         )
     if cfg.mode == "gate":
         scores = knn_scores(cosine_matrix(queries, bank.vectors), cfg.gate_topk)

@@ -137,3 +137,41 @@ def test_items_on_the_global_adapter_alone_reuse_its_scores_and_the_rest_are_sco
     model = CountingModel()
     score_items(model, test, cfg, client, 0, 2, shared=shared)  # type: ignore[arg-type]
     assert len(model.scored) == 4
+
+
+def test_the_gates_layer_is_stored_with_the_bank_and_a_mismatch_names_the_fix(tmp_path):
+    from dataclasses import replace
+
+    from feddpa.core.weighting import instance_mix
+
+    middle = replace(bank(0.5), layer=0.5)
+    save_bank(middle, tmp_path / "bank.safetensors")
+    assert load_bank(tmp_path / "bank.safetensors").layer == 0.5
+    query = torch.eye(4)[:1] + 0.1
+    ok = WeightingConfig(representation="base", layer=0.5, trust="validation")
+    assert float(instance_mix(query, middle, ok).local_w) > 0
+    with pytest.raises(ValueError, match="weighting.layer=0.5"):
+        instance_mix(query, middle, WeightingConfig(representation="base"))
+
+
+def test_a_causal_representation_at_a_layer_is_that_layers_last_prompt_token(
+    small_cfg, tiny_llama_dir
+):
+    from test_runner import llama_cfg
+
+    from feddpa.core.adapters import mixed
+    from feddpa.core.evaluation import NO_ADAPTER, representations
+    from feddpa.core.models import build_task_model
+
+    cfg = llama_cfg(small_cfg, tiny_llama_dir, {})
+    model = build_task_model(cfg.model, cfg.lora, cfg.eval)
+    texts = [
+        "### Instruction:\nsay yes\n\n### Response:\n",
+        "### Instruction:\nno\n\n### Response:\n",
+    ]
+    batch = model._prompt_batch(texts)  # type: ignore[attr-defined]
+    with torch.no_grad(), mixed(model.peft, NO_ADAPTER):
+        states = model.peft(**batch, output_hidden_states=True).hidden_states  # 2 layers: 3
+    got = representations(model, texts, "base", layer=0.5)
+    torch.testing.assert_close(got, states[1][:, -1].float())
+    torch.testing.assert_close(representations(model, texts, "base"), states[2][:, -1].float())

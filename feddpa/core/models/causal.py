@@ -155,12 +155,17 @@ class CausalLMModel:
         )
 
     @torch.no_grad()
-    def represent(self, texts: list[str], local: Mix = LOCAL_ONLY) -> torch.Tensor:
-        """(B, H) e(x) with the local adapter alone (`local` routes rows to local adapters)."""
+    def represent(
+        self, texts: list[str], local: Mix = LOCAL_ONLY, layer: float = 1.0
+    ) -> torch.Tensor:
+        """(B, H) e(x): the last prompt token's hidden state after `layer` of the layers, with the
+        local adapter alone (`local` routes rows to local adapters, or is no adapter at all)."""
         batch = self._prompt_batch(texts)
         with mixed(self.peft, local):  # the LM head on the last position only: logits unused
             out = self.peft(**batch, output_hidden_states=True, logits_to_keep=1)
-        return out.hidden_states[-1][:, -1, :].float().cpu()  # left padding: last prompt token
+        states = out.hidden_states  # L + 1: the embeddings, then each layer's output
+        # left padding: the last position is every row's last prompt token
+        return states[round(layer * (len(states) - 1))][:, -1, :].float().cpu()
 
     @torch.no_grad()
     def generate(

@@ -85,13 +85,16 @@ class MultipleChoiceModel:
         own-vs-other AUC 0.993 vs 0.975 on dataset 1, 0.982 vs 0.976 on shared_input)."""
         return example.instruction
 
-    def encode(self, texts: list[str], mix: Mix) -> torch.Tensor:
-        """(N, H) mean-pooled final hidden states under `mix` (per-row weights allowed)."""
+    def encode(self, texts: list[str], mix: Mix, layer: float = 1.0) -> torch.Tensor:
+        """(N, H) mean-pooled hidden states after `layer` of the layers (1: the final ones) under
+        `mix` (per-row weights allowed)."""
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         with mixed(self.peft, mix):
-            hidden = self.peft(**batch).last_hidden_state  # (N, T, H)
+            out = self.peft(**batch, output_hidden_states=layer < 1)
+        states = out.hidden_states
+        hidden = out.last_hidden_state if layer == 1 else states[round(layer * (len(states) - 1))]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
@@ -114,9 +117,11 @@ class MultipleChoiceModel:
         return F.cross_entropy(logits, targets)
 
     @torch.no_grad()
-    def represent(self, texts: list[str], local: Mix = LOCAL_ONLY) -> torch.Tensor:
+    def represent(
+        self, texts: list[str], local: Mix = LOCAL_ONLY, layer: float = 1.0
+    ) -> torch.Tensor:
         """(B, H) e(x) with the local adapter alone (`local` routes rows to local adapters)."""
-        return self.encode(texts, local).float().cpu()
+        return self.encode(texts, local, layer).float().cpu()
 
     @torch.no_grad()
     def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
