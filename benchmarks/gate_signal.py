@@ -76,6 +76,31 @@ def client_aucs(model, data: list[Example], test: list[Example], own: set[str]) 
     return aucs
 
 
+def ranked_table(
+    per_client: dict[str, dict[str, float]], what: str, prefix: str = ""
+) -> tuple[dict[str, dict[str, float]], list[str], list[str]]:
+    """(per choice {mean, min} over clients, choices best first, the Markdown table's rows)."""
+    choices = sorted(next(iter(per_client.values())))
+    summary = {
+        c: {
+            "mean": statistics.mean(v[c] for v in per_client.values()),
+            "min": min(v[c] for v in per_client.values()),
+        }
+        for c in choices
+    }
+    ranked = sorted(choices, key=lambda c: -summary[c]["mean"])
+    rows = [
+        f"| {what} | mean AUC | worst client | "
+        + " | ".join(f"{prefix}{c}" for c in per_client)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(per_client),
+    ]
+    for c in ranked:
+        cells = " | ".join(f"{v[c]:.3f}" for v in per_client.values())
+        rows.append(f"| {c} | {summary[c]['mean']:.3f} | {summary[c]['min']:.3f} | {cells} |")
+    return summary, ranked, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
@@ -100,29 +125,17 @@ def main() -> None:
         load_adapter_state(model.peft, LOCAL, load_adapter(cdir / "local"))
         data = read_shard(data_dir, info)
         per_client[str(info.client_id)] = client_aucs(model, data, test, set(info.tasks))
-    choices = sorted(next(iter(per_client.values())))
-    summary = {
-        c: {
-            "mean": statistics.mean(v[c] for v in per_client.values()),
-            "min": min(v[c] for v in per_client.values()),
-        }
-        for c in choices
-    }
-    ranked = sorted(choices, key=lambda c: -summary[c]["mean"])
+    summary, ranked, rows = ranked_table(
+        per_client, "representation (adapter/layer/pooling/text)", "client "
+    )
     lines = [
         f"# Gate signal: ROC-AUC own vs other test inputs ({args.run_dir.name}, {checkpoint.name})",
         "",
         f"Score: mean of the top-{TOPK} cosines to the client's training prompts. Command: "
         f"`python benchmarks/gate_signal.py {args.run_dir}`",
         "",
-        "| representation (adapter/layer/pooling/text) | mean AUC | worst client | "
-        + " | ".join(f"client {c}" for c in per_client)
-        + " |",
-        "|---|---:|---:|" + "---:|" * len(per_client),
+        *rows,
     ]
-    for c in ranked:
-        cells = " | ".join(f"{v[c]:.3f}" for v in per_client.values())
-        lines.append(f"| {c} | {summary[c]['mean']:.3f} | {summary[c]['min']:.3f} | {cells} |")
     figures = {"best_mean_auc": (summary[ranked[0]]["mean"], None, None)}
     details = {"per_client": per_client, "summary": summary, "ranked": ranked}
     meta = {

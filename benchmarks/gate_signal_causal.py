@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from bench_common import machine_info, write_results
+from gate_signal import ranked_table
 from sklearn.metrics import roc_auc_score
 
 from feddpa.actors.host import ClientHost
@@ -75,15 +75,7 @@ def main() -> None:
         per_client[sorted(info.tasks)[0]] = {
             k: float(roc_auc_score(labels, knn(queries[k], bank[k]))) for k in queries
         }
-    choices = sorted(next(iter(per_client.values())))
-    summary = {
-        c: {
-            "mean": statistics.mean(v[c] for v in per_client.values()),
-            "min": min(v[c] for v in per_client.values()),
-        }
-        for c in choices
-    }
-    ranked = sorted(choices, key=lambda c: -summary[c]["mean"])
+    summary, ranked, rows = ranked_table(per_client, "layer/pooling")
     lines = [
         f"# Gate signal with a causal LM: own-vs-other ROC-AUC ({cfg.model.path}, frozen model)",
         "",
@@ -91,12 +83,8 @@ def main() -> None:
         f"top-{TOPK} cosines to the client's training prompts; queries: the {len(test)} "
         "validation items of all clients (held out of training; no test item).",
         "",
-        "| layer/pooling | mean AUC | worst | " + " | ".join(per_client) + " |",
-        "|---|---:|---:|" + "---:|" * len(per_client),
+        *rows,
     ]
-    for c in ranked:
-        cells = " | ".join(f"{v[c]:.3f}" for v in per_client.values())
-        lines.append(f"| {c} | {summary[c]['mean']:.3f} | {summary[c]['min']:.3f} | {cells} |")
     meta = {**machine_info(), "total_s": time.perf_counter() - start, "run_dir": str(args.run_dir)}
     figures = {"best_mean_auc": (summary[ranked[0]]["mean"], None, None)}
     write_results(
