@@ -13,7 +13,6 @@ local adapter, read from its committed bank.
 from __future__ import annotations
 
 import json
-import math
 import random
 import statistics
 import time
@@ -142,7 +141,3 @@ def zero_shot(run_dir: Path, cache_file: Path, tasks: list[str]) -> dict[str, fl
     out = {t: statistics.mean(v) for t, v in sorted(by_task.items())}
     cache_file.write_text(json.dumps(out, indent=1))
     return out
-
-
-def fraction(x: float) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.2f}"

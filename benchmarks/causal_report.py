@@ -81,11 +81,7 @@ def render(result: dict) -> str:
         for t in tasks:
             trust, own, other = [], [], []
             for seed in seeds:
-                prof = (
-                    result["profile"][str(seed)]
-                    if str(seed) in result["profile"]
-                    else result["profile"][seed]
-                )
+                prof = result["profile"][str(seed)]
                 for cid, c in result["gate"][m][str(seed)].items():
                     if c["task"] == t:
                         trust.append(prof["trust"][m].get(cid, float("nan")))

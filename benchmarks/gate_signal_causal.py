@@ -26,6 +26,7 @@ from feddpa.actors.host import ClientHost
 from feddpa.core.adapters import mixed
 from feddpa.core.config import load_config
 from feddpa.core.evaluation import NO_ADAPTER, chunks
+from feddpa.core.weighting import cosine_matrix, knn_scores
 from feddpa.datasets import read_manifest
 
 TOPK = 5
@@ -45,12 +46,6 @@ def hidden(model, texts: list[str]) -> dict[str, torch.Tensor]:
             out.setdefault(f"{name}/last", []).append(h[:, -1])
             out.setdefault(f"{name}/mean", []).append((h * mask).sum(1) / mask.sum(1))
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-def knn(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    q = torch.nn.functional.normalize(queries, dim=-1)
-    b = torch.nn.functional.normalize(bank, dim=-1)
-    return (q @ b.T).topk(min(TOPK, len(b)), dim=1).values.mean(1)
 
 
 def main() -> None:
@@ -73,7 +68,8 @@ def main() -> None:
         bank = hidden(model, [model.query_text(e) for e in train])
         labels = [e.task in info.tasks for e in test]
         per_client[sorted(info.tasks)[0]] = {
-            k: float(roc_auc_score(labels, knn(queries[k], bank[k]))) for k in queries
+            k: float(roc_auc_score(labels, knn_scores(cosine_matrix(queries[k], bank[k]), TOPK)))
+            for k in queries
         }
     summary, ranked, rows = ranked_table(per_client, "layer/pooling")
     lines = [

@@ -110,11 +110,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Path]:
 
 
 def clients_of(record: dict) -> dict[str, dict]:
-    """client id -> {"task", "scores", "trust"...} of one evaluation record."""
-    return {
-        cid: {"task": c["tasks"][0], "scores": c["scores"], **{k: c[k] for k in c if k != "scores"}}
-        for cid, c in record["clients"].items()
-    }
+    """client id -> its record, with its (first) task as "task"."""
+    return {cid: {**c, "task": c["tasks"][0]} for cid, c in record["clients"].items()}
 
 
 def seed_records(runs: dict[str, Path]) -> dict[str, dict]:
@@ -175,7 +172,7 @@ def main() -> int:
         runs = run_seed(seed, args)
         seeds.append(seed)
         per_seed.append(seed_records(runs))
-        profiles[seed] = profile_seed(runs, root)
+        profiles[str(seed)] = profile_seed(runs, root)  # JSON keys: as written, as read
     if not seeds:
         print("no finished seed", file=sys.stderr)
         return 1

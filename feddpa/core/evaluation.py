@@ -9,7 +9,7 @@ is the mean over its items, P and TTP are means over items.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -91,7 +91,7 @@ def representation_bank(
     rep = cfg.representation
     texts = [model.query_text(e) for e in data]
     vectors = representations_batched(model, texts, cfg, batch_size)
-    return replace(ClientBank.build(vectors, cfg.gate_topk, rep), layer=cfg.layer)
+    return ClientBank.build(vectors, cfg.gate_topk, rep, layer=cfg.layer)
 
 
 def query_representations(

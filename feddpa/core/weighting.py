@@ -37,7 +37,7 @@ A client that never trained a local adapter is served by the global adapter alon
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,17 +82,22 @@ class ClientBank:
 
     @classmethod
     def build(
-        cls, vectors: torch.Tensor, topk: int, representation: str = "local", trust: float = 1.0
+        cls,
+        vectors: torch.Tensor,
+        topk: int,
+        representation: str = "local",
+        trust: float = 1.0,
+        layer: float = 1.0,
     ) -> ClientBank:
         vectors = vectors.float()
-        return cls(vectors, leave_one_out_scores(vectors, topk), topk, representation, trust)
+        loo = leave_one_out_scores(vectors, topk)
+        return cls(vectors, loo, topk, representation, trust, layer)
 
     def calibrated(self, topk: int) -> ClientBank:
         """This bank calibrated for `topk` neighbours (recomputed only if it differs)."""
         if topk == self.topk:
             return self
-        rebuilt = ClientBank.build(self.vectors, topk, self.representation, self.trust)
-        return replace(rebuilt, layer=self.layer)
+        return ClientBank.build(self.vectors, topk, self.representation, self.trust, self.layer)
 
     def __len__(self) -> int:
         return len(self.vectors)
