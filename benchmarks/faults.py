@@ -62,6 +62,7 @@ from feddpa.core.config import ExperimentConfig, load_config  # noqa: E402
 from feddpa.core.fedavg import FlatState, OrderedAverage  # noqa: E402
 from feddpa.core.storage import (  # noqa: E402
     BANK_FILE,
+    Round,
     client_dir,
     load_adapter,
     load_bank,
@@ -323,7 +324,7 @@ class Audit:
         """A host whose clients are as committed after `step` (fresh when step < 0)."""
         host = ClientHost(self.cfg, self.data, self.ids, None)
         if step >= 0:
-            host.restore(self.round_dir(step))
+            host.restore(Round(self.round_dir(step)))
         return host
 
     def run_audit(self) -> dict:

@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from feddpa.core.config import build_config  # noqa: E402
+from feddpa.core.storage import RunDir  # noqa: E402
 from feddpa.orchestrator.executor import InProcessExecutor  # noqa: E402
 from feddpa.orchestrator.loop import run_manifest, train  # noqa: E402
 from feddpa.orchestrator.reevaluate import RunEvaluator  # noqa: E402
@@ -202,7 +203,7 @@ def learnability_seed(local_run: Path, local_summary: dict) -> list[dict]:
     zero = host.evaluate_global(host.initial_global())  # fresh adapters: B = 0, the base model
     test = evaluator.test
     rows = []
-    for cid, info in enumerate(run_manifest(local_run).clients):
+    for cid, info in enumerate(run_manifest(RunDir(local_run)).clients):
         task = sorted(info.tasks)[0]
         items = [i for i, ex in enumerate(test) if ex.task == task]
         correct = constant_answer(list(host.clients[cid].data))
@@ -554,7 +555,7 @@ def main() -> int:
             "seeds": seeds_of(bench),
             "table_seed0": markdown_table(per_seed[0]),
             "train_items_per_client": [
-                c.num_examples for c in run_manifest(all_runs[0]["local"]).clients
+                c.num_examples for c in run_manifest(RunDir(all_runs[0]["local"])).clients
             ],
         }
         title = f"{bench} ({args.profile}, seed {seeds_of(bench)[0]})"

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from feddpa.core.config import ConfigError, ExperimentConfig, load_config
-from feddpa.core.storage import EXECUTION_FILE, RunLocked, atomic_write_json
+from feddpa.core.storage import RunDir, RunLocked
 
 
 def _quiet_libraries() -> None:
@@ -29,7 +29,7 @@ def setup_logging(run_dir: Path | None, verbose: bool) -> None:
     handlers[0].setLevel(logging.INFO if verbose else logging.WARNING)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler = logging.FileHandler(RunDir(run_dir).log_file)
         file_handler.setLevel(logging.INFO)
         handlers.append(file_handler)
     logging.basicConfig(
@@ -53,14 +53,15 @@ def print_results(run_dir: Path, title: str) -> None:
         write_report,
     )
 
+    run = RunDir(run_dir)
     summary = run_summary(run_dir)
-    table = write_report(with_global_alone(title, summary), run_dir / "results", title)
+    table = write_report(with_global_alone(title, summary), run.results_dir, title)
     print(f"\n{title} — P (own task) and TTP (all tasks), %\n\n{table}")
-    data = str(run_dir / "data")
+    data = str(run.data_dir)
     item_tasks = [ex.task for ex in read_test(data, read_manifest(data))]
     if (line := fedit_comparison(summary, item_tasks, title)) is not None:
         print(line)
-    print(f"tables and plots: {run_dir / 'results'}")
+    print(f"tables and plots: {run.results_dir}")
 
 
 def resumed_executor(run_dir: Path, ray_arg: str | None, in_process: bool) -> str | None:
@@ -71,15 +72,15 @@ def resumed_executor(run_dir: Path, ray_arg: str | None, in_process: bool) -> st
         return None
     if ray_arg is not None:
         return ray_arg
-    path = run_dir / EXECUTION_FILE
-    if not path.is_file():
+    run = RunDir(run_dir)
+    found, started = run.read_execution()
+    if not found:
         print(
-            f"feddpa: {path} is missing (a run from an older version): resuming in-process; "
-            "pass --ray ADDRESS if it ran on Ray",
+            f"feddpa: {run.execution_file} is missing (a run from an older version): resuming "
+            "in-process; pass --ray ADDRESS if it ran on Ray",
             file=sys.stderr,
         )
         return None
-    started = json.loads(path.read_text()).get("ray")
     how = f"on Ray ({started})" if started else "in-process"
     print(f"resuming {run_dir} {how}, as it was started", file=sys.stderr)
     return started
@@ -87,18 +88,19 @@ def resumed_executor(run_dir: Path, ray_arg: str | None, in_process: bool) -> st
 
 def cmd_train(args: argparse.Namespace) -> int:
     from feddpa.orchestrator.executor import InProcessExecutor
-    from feddpa.orchestrator.loop import ensure_new_run_dir, resumed_config, train
+    from feddpa.orchestrator.loop import train
 
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = resumed_config(run_dir)
+        cfg = RunDir(run_dir).read_config()
         args.ray = resumed_executor(run_dir, args.ray, args.in_process)
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
-        ensure_new_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / EXECUTION_FILE, {"ray": args.ray})
+        run = RunDir(run_dir)
+        with run.lock():  # nothing is written into a run directory another process holds
+            run.ensure_new()
+            run.write_execution(args.ray)
     setup_logging(run_dir, args.verbose)
     start = time.perf_counter()
     if args.ray:
@@ -207,13 +209,12 @@ def check_exposure(host: str, tokens: str | None, insecure: bool) -> None:
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    from feddpa.core.storage import latest_checkpoint
     from feddpa.serving.auth import create_tokens
 
-    latest = latest_checkpoint(Path(args.run_dir) / "checkpoints")
+    latest = RunDir(args.run_dir).latest()
     if latest is None:
         raise FileNotFoundError(f"{args.run_dir} has no committed round")
-    clients = json.loads((latest / "state.json").read_text())["clients"]
+    clients = latest.client_ids()
     plain = create_tokens(clients, Path(args.out))
     print(json.dumps(plain, indent=2))
     print(f"hashes written to {args.out}; the tokens above are shown once", file=sys.stderr)

@@ -140,23 +140,21 @@ def commit_scaled_global(run_dir: Path, factor: float) -> Path:
     """Commit round N+1 by hand: the previous global adapter with lora_B scaled by `factor`."""
     from feddpa.core.config import load_config
     from feddpa.core.models.loading import lora_config
-    from feddpa.core.storage import load_adapter
-    from feddpa.orchestrator.checkpoint import Checkpoints
+    from feddpa.core.storage import RunDir
 
     cfg = load_config(run_dir / "config.yaml")
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
+    ckpts = RunDir(run_dir).checkpoints(cfg.keep_checkpoints)
     previous = ckpts.latest()
     assert previous is not None
-    state = ckpts.state(previous)
+    state = previous.state()
     step = state["completed_steps"]
     new_global = {
-        k: v * factor if ".lora_B." in k else v
-        for k, v in load_adapter(previous / "global").items()
+        k: v * factor if ".lora_B." in k else v for k, v in previous.global_adapter().items()
     }
     state = {**state, "completed_steps": step + 1}
-    return ckpts.commit(
-        step, ckpts.stage(step), new_global, lora_config(cfg.model, cfg.lora), state, {}
-    )
+    stage = ckpts.stage(step)
+    ckpts.prepare(stage, new_global, lora_config(cfg.model, cfg.lora))
+    return ckpts.commit(stage, state, {}).path
 
 
 class Reference:
@@ -167,21 +165,22 @@ class Reference:
         from feddpa.actors.host import ClientHost
         from feddpa.core import algorithms
         from feddpa.core.config import load_config
+        from feddpa.core.storage import RunDir
         from feddpa.datasets import read_manifest
 
         self.cfg = load_config(run_dir / "config.yaml")
         data_dir = str(run_dir / "data")
         ids = read_manifest(data_dir).client_ids
-        self.host = ClientHost(self.cfg, data_dir, ids, run_dir / "checkpoints")
+        self.host = ClientHost(self.cfg, data_dir, ids, RunDir(run_dir))
         self.model = self.host.model
-        self.weighting = algorithms.eval_weighting(self.cfg)
+        self.weighting = algorithms.method_of(self.cfg).eval_weighting()
         self.load(checkpoint or latest_round(run_dir))
 
     def load(self, checkpoint: Path) -> None:
-        from feddpa.core.storage import load_adapter
+        from feddpa.core.storage import Round
 
-        self.host.restore(checkpoint)
-        self.global_state = load_adapter(checkpoint / "global")
+        self.host.restore(Round(checkpoint))
+        self.global_state = Round(checkpoint).global_adapter()
 
     def mix(self, cid: int, example, mode: str | None = None):
         """The client's adapters loaded as `global` / `local`, and the item's Mix under `mode`,

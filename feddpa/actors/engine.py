@@ -36,13 +36,13 @@ from torch import nn
 
 from feddpa.core import adapters
 from feddpa.core.adapters import ADAPTERS, AdapterState
+from feddpa.core.atomic import atomic_write_bytes
 from feddpa.core.config import ExperimentConfig, TrainConfig
 from feddpa.core.models import TaskModel
 from feddpa.core.training import OptimizerFactory, PhaseOptimizer
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "deepspeed_config.json"
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW defaults, spelled out so both paths match
 ADAM_EPS = 1e-8
 
@@ -80,13 +80,10 @@ def deepspeed_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def write_deepspeed_config(cfg: ExperimentConfig, run_dir: Path) -> Path:
-    """Write `run_dir/deepspeed_config.json` atomically (several actors may write it at once)."""
-    path = run_dir / CONFIG_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps(deepspeed_config(cfg), indent=2) + "\n")
-    tmp.replace(path)
+def write_deepspeed_config(cfg: ExperimentConfig, path: Path) -> Path:
+    """Write the resolved DeepSpeed config (`RunDir.deepspeed_file`) for the record, atomically
+    (several actors may write it at once)."""
+    atomic_write_bytes(path, (json.dumps(deepspeed_config(cfg), indent=2) + "\n").encode())
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
@@ -31,24 +30,13 @@ from feddpa.core.fedavg import FlatState
 from feddpa.core.models import TaskModel, build_task_model
 from feddpa.core.models.loading import lora_config
 from feddpa.core.records import Example
-from feddpa.core.storage import (
-    client_dir,
-    latest_checkpoint,
-    load_adapter,
-    load_bank,
-    save_adapter,
-    save_bank,
-    stage_client,
-    stage_dir,
-)
+from feddpa.core.storage import ClientFiles, Round, RunDir, Stage
 from feddpa.core.training import run_phase
 from feddpa.core.trust import choose_trust, split_validation, validation_losses
 from feddpa.core.weighting import ClientBank, needs_bank
 from feddpa.datasets import read_manifest, read_shard, read_test
 
 log = logging.getLogger(__name__)
-
-POOLED = -1  # the Centralized baseline's single client holding every shard
 
 
 @dataclass
@@ -74,22 +62,23 @@ class ClientHost:
         cfg: ExperimentConfig,
         data_dir: str,
         client_ids: list[int],
-        checkpoints: Path | None = None,
+        run: RunDir | None = None,
     ) -> None:
-        """`checkpoints`: the run's checkpoints/ dir. Every owned client starts *stale*: at its
-        first call it is read from the run directory (after a resume or an actor restart)."""
+        """`run`: the run directory. Every owned client starts *stale*: at its first call it is
+        read from the run directory (after a resume or an actor restart)."""
         self.cfg = cfg
-        self.checkpoints = checkpoints
+        self.checkpoints = None if run is None else run.checkpoints()
         # clients whose in-memory state must be re-read from the run directory before use
-        self.stale: set[int] = set(client_ids) if checkpoints is not None else set()
+        self.stale: set[int] = set(client_ids) if run is not None else set()
         self.manifest = read_manifest(data_dir)
         self.data_dir = data_dir
         self.model: TaskModel = build_task_model(cfg.model, cfg.lora, cfg.eval)
         self.engine = build_engine(cfg, self.model)  # adapter I/O goes through it (ZeRO-3 gathers)
-        if cfg.engine.kind == "deepspeed" and checkpoints is not None:
-            write_deepspeed_config(cfg, checkpoints.parent)
+        if cfg.engine.kind == "deepspeed" and run is not None:
+            write_deepspeed_config(cfg, run.deepspeed_file)
         self.lora_config = lora_config(cfg.model, cfg.lora)
-        self.weighting = algorithms.eval_weighting(cfg)
+        self.method = algorithms.method_of(cfg)
+        self.weighting = self.method.eval_weighting()
         self.clients: dict[int, ClientState] = {}
         self._test: list[Example] | None = None
         self._shared_reps: dict[str, torch.Tensor] = {}  # client-independent e(x) of the test set
@@ -99,7 +88,7 @@ class ClientHost:
     def _read_data(self, client_id: int) -> tuple[list[Example], list[Example]]:
         """(train, validation) of a client: `data.validation_fraction` of its shard is kept out of
         training for every method alike; the pooled client trains on all clients' train parts."""
-        if client_id == POOLED:
+        if client_id == algorithms.POOLED:
             parts = [self._read_data(cid) for cid in self.manifest.client_ids]
             return [ex for train, _ in parts for ex in train], []
         by_id = {info.client_id: info for info in self.manifest.clients}
@@ -127,30 +116,26 @@ class ClientHost:
         state = self.clients[cid]
         if cid not in self.stale or self.checkpoints is None:
             return state
-        staged = None if step is None else client_dir(stage_dir(self.checkpoints, step), cid)
-        source = None
-        if staged is not None and staged.is_dir():
+        staged = None if step is None else self.checkpoints.staged(step).client(cid)
+        source: ClientFiles | None = None
+        if staged is not None and staged.exists():
             source = staged
-        elif (latest := latest_checkpoint(self.checkpoints)) is not None:
-            source = client_dir(latest, cid)
-        local = bank = None
-        if source is not None and (source / "local").is_dir():
-            local = load_adapter(source / "local")
-        if source is not None and (source / "bank.safetensors").is_file():
-            bank = load_bank(source / "bank.safetensors")
-        log.info("client %d: state read from %s", cid, source or "nothing (fresh)")
-        state.local, state.bank = local, bank
+        elif (latest := self.checkpoints.latest()) is not None:
+            source = latest.client(cid)
+        log.info("client %d: state read from %s", cid, source.path if source else "nothing (fresh)")
+        if source is not None:
+            state.local, state.bank = source.read_local(), source.read_bank()
+        else:
+            state.local, state.bank = None, None
         self.stale.discard(cid)
         return state
 
-    def restore(self, checkpoint: Path) -> None:
+    def restore(self, checkpoint: Round) -> None:
         """Load every owned client's local adapter and bank from a committed round."""
-        log.info("restoring %d clients from %s", len(self.clients), checkpoint)
+        log.info("restoring %d clients from %s", len(self.clients), checkpoint.path)
         for cid, state in self.clients.items():
-            cdir = client_dir(checkpoint, cid)
-            state.local = load_adapter(cdir / "local") if (cdir / "local").is_dir() else None
-            bank = cdir / "bank.safetensors"
-            state.bank = load_bank(bank) if bank.is_file() else None
+            files = checkpoint.client(cid)
+            state.local, state.bank = files.read_local(), files.read_bank()
             self.stale.discard(cid)
 
     def _local(self, cid: int) -> AdapterState:
@@ -167,16 +152,14 @@ class ClientHost:
         self.engine.load_adapter_state(GLOBAL, global_state)
         self.engine.load_adapter_state(LOCAL, self._local(cid))
 
-    def fit(self, cid: int, step: int, global_state: AdapterState, stage: Path | None) -> FitResult:
+    def fit(
+        self, cid: int, step: int, global_state: AdapterState, stage: Stage | None
+    ) -> FitResult:
         """Run the method's phases of `step` for client `cid`; stage its changed local files."""
         start = time.perf_counter()
         state = self._current(cid)
-        finetune = step >= self.cfg.federation.rounds
-        phases = (
-            algorithms.finetune_phases(self.cfg)
-            if finetune
-            else algorithms.round_phases(self.cfg, step)
-        )
+        finetune = self.method.finetunes(step)
+        phases = self.method.phases(step)
         self._load(global_state, cid)
         if finetune:  # FedDPA-F: the local adapter starts as a copy of the final global
             self.engine.load_adapter_state(LOCAL, global_state)
@@ -196,7 +179,7 @@ class ClientHost:
             )
         upload = (
             self.engine.adapter_state(GLOBAL)
-            if algorithms.uploads_global(self.cfg) and not finetune
+            if self.method.uploads_global and not finetune
             else None
         )
         if any(p.adapter == LOCAL for p in phases):
@@ -208,17 +191,10 @@ class ClientHost:
                 self.write_client(cid, stage)
         return FitResult(cid, len(state.data), upload, losses, time.perf_counter() - start)
 
-    def write_client(self, cid: int, root: Path) -> None:
+    def write_client(self, cid: int, stage: Stage) -> None:
         """Stage the client's local adapter and bank together (one rename: all or nothing)."""
         state = self.clients[cid]
-
-        def write(cdir: Path) -> None:
-            if state.local is not None:
-                save_adapter(state.local, self.lora_config, cdir / "local")
-            if state.bank is not None:
-                save_bank(state.bank, cdir / "bank.safetensors")
-
-        stage_client(root, cid, write)
+        stage.write_client(cid, state.local, state.bank, self.lora_config)
 
     def _bank(self, cid: int, weighting: WeightingConfig) -> ClientBank:
         """The client's bank under the local adapter now loaded. With `weighting.trust`
@@ -230,7 +206,7 @@ class ClientHost:
         return replace(bank, trust=0.0) if weighting.trust == "validation" else bank
 
     def calibrate(
-        self, cid: int, global_state: AdapterState, step: int, stage: Path | None
+        self, cid: int, global_state: AdapterState, step: int, stage: Stage | None
     ) -> float | None:
         """Choose client `cid`'s trust in its local adapter against `global_state` (the round's
         aggregated global, the one it will be mixed with) on its validation slice, and restage
@@ -311,7 +287,7 @@ class ClientHost:
         """Per-item test scores of the global adapter alone (shared by all clients)."""
         self.engine.load_adapter_state(GLOBAL, global_state)
         only = self.weighting.model_copy(update={"mode": "global_only"})
-        client = ClientWeighting(POOLED, None, has_local=False)
+        client = ClientWeighting(algorithms.POOLED, None, has_local=False)
         return score_items(
             self.model, self.test, only, client, self.cfg.seed, self.cfg.eval.batch_size
         )

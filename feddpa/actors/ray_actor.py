@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -19,6 +18,7 @@ from feddpa.core.adapters import AdapterState
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import ItemScores
 from feddpa.core.fedavg import FlatState, Layout
+from feddpa.core.storage import RunDir, Stage
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,15 @@ def from_wire(wire: Wire) -> FlatState:
 
 class ClientActor:
     def __init__(
-        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], checkpoints: str
+        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], run: RunDir
     ) -> None:
-        self.host = ClientHost(cfg, data_dir, client_ids, Path(checkpoints))
+        self.host = ClientHost(cfg, data_dir, client_ids, run)
 
     def discard(self, cid: int) -> None:
         self.host.discard(cid)
 
-    def fit(self, cid: int, step: int, global_state: Wire, stage: str) -> FitResult:
-        result = self.host.fit(cid, step, from_wire(global_state).state(), Path(stage))
+    def fit(self, cid: int, step: int, global_state: Wire, stage: Stage) -> FitResult:
+        result = self.host.fit(cid, step, from_wire(global_state).state(), stage)
         if result.global_state is None:
             return result
         return dataclasses.replace(result, global_state=to_wire(result.global_state))  # type: ignore[arg-type]
@@ -72,10 +72,10 @@ class ClientActor:
         return cid, self.host.evaluate(cid, state, step, weighting, global_scores)
 
     def calibrate(
-        self, cid: int, global_state: Wire, step: int, stage: str
+        self, cid: int, global_state: Wire, step: int, stage: Stage
     ) -> tuple[int, float | None]:
         state = from_wire(global_state).state()
-        return cid, self.host.calibrate(cid, state, step, Path(stage))
+        return cid, self.host.calibrate(cid, state, step, stage)
 
     def evaluate_global(self, global_state: Wire) -> ItemScores:
         return self.host.evaluate_global(from_wire(global_state).state())

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from feddpa.core.atomic import fsync_dir, write_synced
 from feddpa.core.records import Example
 from feddpa.datasets.errors import DataError, data_error
 
@@ -151,17 +152,17 @@ def write_shards(
         (tmp / "clients").mkdir()
         infos = []
         for info, data in _encoded_shards(clients, test):
-            _write_durably(tmp / info.path, data)
+            write_synced(tmp / info.path, data)
             infos.append(info)
         manifest = Manifest(clients=tuple(infos[:-1]), test=infos[-1])
-        _write_durably(tmp / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2).encode())
-        _fsync_dir(tmp / "clients")
-        _fsync_dir(tmp)
+        write_synced(tmp / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2).encode())
+        fsync_dir(tmp / "clients")
+        fsync_dir(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return manifest
 
 
@@ -244,21 +245,6 @@ def _existing_if_identical(
         if hashlib.sha256((out / info.path).read_bytes()).hexdigest() != info.sha256:
             raise data_error(out / info.path, "does not match its manifest checksum", fix)
     return existing
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _resolve(directory_or_uri: StrPath) -> tuple[pafs.FileSystem, str]:

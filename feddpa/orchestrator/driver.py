@@ -10,7 +10,8 @@ import ray
 from tqdm.auto import tqdm
 
 from feddpa.core.config import ExperimentConfig
-from feddpa.orchestrator.loop import resumed_config, total_steps, train
+from feddpa.core.storage import RunDir
+from feddpa.orchestrator.loop import total_steps, train
 from feddpa.orchestrator.ray_executor import RayExecutor
 
 # The environment of every worker of our jobs (runtime_env): offline, quiet
@@ -61,8 +62,8 @@ class Driver:
         self.resume = resume
         self.executor: RayExecutor | None = None
 
-    def _make_executor(self, cfg, data_dir, client_ids, checkpoints) -> RayExecutor:
-        self.executor = RayExecutor(cfg, data_dir, client_ids, checkpoints)
+    def _make_executor(self, cfg, data_dir, client_ids, run) -> RayExecutor:
+        self.executor = RayExecutor(cfg, data_dir, client_ids, run)
         return self.executor
 
     def run(self) -> dict:
@@ -76,7 +77,7 @@ def train_on_ray(cfg: ExperimentConfig, run_dir: Path, *, resume: bool, address:
     """Start the driver actor for this run and follow it with a progress bar."""
     init_ray(address)
     if resume:
-        cfg = resumed_config(run_dir)
+        cfg = RunDir(run_dir).read_config()
     driver_cls = ray.remote(num_cpus=cfg.ray.driver_cpus, max_concurrency=2)(Driver)  # type: ignore[call-overload]
     driver = driver_cls.remote(cfg, str(run_dir.resolve()), resume)
     ref = driver.run.remote()

@@ -5,20 +5,21 @@ process — the reference path; the Ray executor (feddpa.orchestrator.ray_execut
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from feddpa.actors.host import POOLED, ClientHost, FitResult
+from feddpa.actors.host import ClientHost, FitResult
 from feddpa.core.adapters import AdapterState
+from feddpa.core.algorithms import method_of
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import ItemScores
+from feddpa.core.storage import RunDir, Stage
 
 
 class Executor(Protocol):
     def fit(
-        self, step: int, client_ids: list[int], global_state: AdapterState, stage: Path
+        self, step: int, client_ids: list[int], global_state: AdapterState, stage: Stage
     ) -> Iterator[FitResult]: ...
 
     def evaluate(
@@ -36,7 +37,7 @@ class Executor(Protocol):
     def evaluate_global(self, global_state: AdapterState) -> ItemScores: ...
 
     def calibrate(
-        self, step: int, client_ids: list[int], global_state: AdapterState, stage: Path
+        self, step: int, client_ids: list[int], global_state: AdapterState, stage: Stage
     ) -> Iterator[tuple[int, float | None]]:
         """Each client's trust in its local adapter against the aggregated `global_state`, its
         bank restaged with it (`ClientHost.calibrate`)."""
@@ -55,16 +56,11 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def hosted_ids(cfg: ExperimentConfig, client_ids: list[int]) -> list[int]:
-    """The clients hosts must own: the pooled client for Centralized, else the federation's."""
-    return [POOLED] if cfg.method == "centralized" else client_ids
-
-
 class InProcessExecutor:
     def __init__(
-        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], checkpoints: Path
+        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], run: RunDir
     ) -> None:
-        self.host = ClientHost(cfg, data_dir, hosted_ids(cfg, client_ids), checkpoints)
+        self.host = ClientHost(cfg, data_dir, method_of(cfg).hosted_clients(client_ids), run)
 
     def fit(self, step, client_ids, global_state, stage):
         for cid in tqdm(client_ids, desc=f"round {step} clients", leave=False, unit="client"):

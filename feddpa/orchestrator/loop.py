@@ -10,41 +10,34 @@ so a resumed run replays exactly the steps an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from feddpa.core import algorithms
 from feddpa.core.adapters import AdapterState
-from feddpa.core.config import ExperimentConfig, load_config, save_config
+from feddpa.core.algorithms import method_of
+from feddpa.core.config import ExperimentConfig
 from feddpa.core.evaluation import ItemScores, summarize
 from feddpa.core.fedavg import FlatState, OrderedAverage, state_nbytes
 from feddpa.core.models.loading import lora_config
-from feddpa.core.storage import (
-    EXECUTION_FILE,
-    LOCK_FILE,
-    atomic_write_bytes,
-    read_jsonl,
-    run_lock,
-)
+from feddpa.core.storage import Checkpoints, Round, RoundRecord, RunDir, Stage, Timing
 from feddpa.datasets import Manifest, read_manifest, read_test
 from feddpa.datasets.prepare import prepare_shards
-from feddpa.orchestrator.checkpoint import Checkpoints
 from feddpa.orchestrator.executor import Executor
 from feddpa.orchestrator.sampling import sample_clients
 
 log = logging.getLogger(__name__)
 
-ExecutorFactory = Callable[[ExperimentConfig, str, list[int], Path], Executor]
+ExecutorFactory = Callable[[ExperimentConfig, str, list[int], RunDir], Executor]
 
 
 def total_steps(cfg: ExperimentConfig) -> int:
-    return cfg.federation.rounds + (1 if algorithms.finetune_phases(cfg) else 0)
+    return method_of(cfg).total_steps
 
 
 def eval_due(cfg: ExperimentConfig, step: int) -> bool:
@@ -52,24 +45,18 @@ def eval_due(cfg: ExperimentConfig, step: int) -> bool:
     return (last and cfg.eval.final) or (cfg.eval.every > 0 and (step + 1) % cfg.eval.every == 0)
 
 
-def step_weighting(cfg: ExperimentConfig, step: int):
-    """FedDPA-F's rounds before its fine-tuning step are FedIT rounds: evaluate the global alone."""
-    if cfg.method == "feddpa_f" and step < cfg.federation.rounds:
-        return cfg.weighting.model_copy(update={"mode": "global_only"})
-    return algorithms.eval_weighting(cfg)
-
-
 def evaluate(
     executor: Executor, cfg: ExperimentConfig, manifest: Manifest, test, step: int, global_state
 ) -> dict:
-    weighting = step_weighting(cfg, step)
+    method = method_of(cfg)
+    weighting = method.step_weighting(step)
     ids = manifest.client_ids
     alone_scores: ItemScores | None = None  # the global adapter alone, beside the mix
     if weighting.mode == "global_only":  # one evaluation serves every client
         items: dict[int, ItemScores] = dict.fromkeys(ids, executor.evaluate_global(global_state))
     else:
         # a mix's items that lean on the global adapter alone reuse its scores (computed once)
-        shared = executor.evaluate_global(global_state) if mixes_global(cfg) else None
+        shared = executor.evaluate_global(global_state) if method.fedit_beside(weighting) else None
         items = dict(executor.evaluate(step, ids, global_state, weighting, shared))
         alone_scores = shared  # FedIT beside FedDPA: their global trajectories are the same
     clients = {
@@ -77,7 +64,7 @@ def evaluate(
         for cid, c in zip(ids, manifest.clients, strict=True)
         if cid in items  # a client whose actor failed during evaluation is left out
     }
-    record = {"weighting": weighting.mode, "avg": average(clients), "clients": clients}
+    record: dict = {"weighting": weighting.mode, "avg": average(clients), "clients": clients}
     if alone_scores is not None:
         # FedDPA-T's and FedDPA-F's global trajectory is FedIT's: FedIT read from this very run
         alone = {
@@ -98,58 +85,29 @@ def evaluate(
 PT = ("P", "TTP")
 
 
-def mixes_global(cfg: ExperimentConfig) -> bool:
-    """Whether the method's evaluation mixes the global adapter into some items."""
-    return cfg.method in ("feddpa_t", "feddpa_f") and cfg.weighting.mode != "local_only"
-
-
 def average(clients: dict[str, dict]) -> dict[str, float]:
     return {k: sum(v[k] for v in clients.values()) / len(clients) for k in PT}
 
 
-def ensure_new_run_dir(run_dir: Path) -> None:
-    written_first = ("train.log", EXECUTION_FILE, LOCK_FILE)  # by the CLI before training starts
-    if run_dir.exists() and any(p.name not in written_first for p in run_dir.iterdir()):
-        raise FileExistsError(
-            f"run directory {run_dir} already exists and is not empty; choose another "
-            f"--run-dir or continue it with --resume {run_dir}"
-        )
+def append_metrics(run: RunDir, record: RoundRecord, upto_step: int) -> None:
+    """The round's line in the run's metrics log (`RunDir.append_metrics`)."""
+    run.append_metrics(record, upto_step)
 
 
-def start_run(cfg: ExperimentConfig, run_dir: Path) -> None:
-    ensure_new_run_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-
-
-def resumed_config(run_dir: Path) -> ExperimentConfig:
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a feddpa run directory")
-    return load_config(run_dir / "config.yaml")
-
-
-def append_metrics(run_dir: Path, record: dict, upto_step: int) -> None:
-    """Append `record`, first dropping lines of steps >= upto_step left by a killed run; the file
-    is replaced atomically, so a kill leaves the old or the new file, never a torn line."""
-    path = run_dir / "metrics.jsonl"
-    kept = [r for r in read_jsonl(path) if r["round"] < upto_step] if path.exists() else []
-    lines = [json.dumps(r, sort_keys=True) + "\n" for r in [*kept, record]]
-    atomic_write_bytes(path, "".join(lines).encode())
-
-
-def recover_metrics(run_dir: Path, latest: Path | None) -> None:
+def recover_metrics(run: RunDir, latest: Round | None) -> None:
     """A run killed between committing a round and writing its metrics line: the committed
-    round's own metrics.json has the line."""
+    round's own record has the line."""
     if latest is None:
         return
-    record = json.loads((latest / "metrics.json").read_text())
-    path = run_dir / "metrics.jsonl"
-    have = {r["round"] for r in read_jsonl(path)} if path.exists() else set()
+    record = latest.metrics()
+    have = {r["round"] for r in run.read_metrics()}
     if record.get("round") is not None and record["round"] not in have:
         log.warning(
-            "metrics.jsonl lacks committed round %d: restored from %s", record["round"], latest
+            "the metrics log lacks committed round %d: restored from %s",
+            record["round"],
+            latest.path,
         )
-        append_metrics(run_dir, record, record["round"])
+        append_metrics(run, record, record["round"])
 
 
 def train(
@@ -157,33 +115,35 @@ def train(
 ) -> dict:
     """Run (or resume) a training run; returns the final evaluation record. The process holds
     the run directory's lock throughout: a second writer (say, a second --resume) fails at once."""
-    with run_lock(run_dir):
-        return _train(cfg, run_dir, make_executor, resume)
+    run = RunDir(run_dir)
+    with run.lock():
+        return _train(cfg, run, make_executor, resume)
 
 
 def _train(
-    cfg: ExperimentConfig, run_dir: Path, make_executor: ExecutorFactory, resume: bool
+    cfg: ExperimentConfig, run: RunDir, make_executor: ExecutorFactory, resume: bool
 ) -> dict:
     if resume:
-        cfg = resumed_config(run_dir)
+        cfg = run.read_config()
     else:
-        start_run(cfg, run_dir)
-    data_dir = run_dir / "data"
+        run.ensure_new()
+        run.write_config(cfg)
+    data_dir = run.data_dir
     manifest = prepare_shards(
         cfg.data, data_dir, model_kind=cfg.model.kind, max_test_per_task=cfg.eval.max_test_per_task
     )
     test = read_test(str(data_dir), manifest)
     client_ids = manifest.client_ids
-    ckpts = Checkpoints(run_dir / "checkpoints", cfg.keep_checkpoints)
+    ckpts = run.checkpoints(cfg.keep_checkpoints)
     latest = ckpts.latest()
-    recover_metrics(run_dir, latest)
-    executor = make_executor(cfg, str(data_dir), client_ids, ckpts.root)
+    recover_metrics(run, latest)
+    executor = make_executor(cfg, str(data_dir), client_ids, run)
     try:
-        start = ckpts.state(latest)["completed_steps"] if latest else 0
-        global_state = ckpts.global_state(latest) if latest else executor.initial_global()
+        start = latest.completed_rounds() if latest else 0
+        global_state = latest.global_adapter() if latest else executor.initial_global()
         log.info(
             "run %s: method %s, %d clients, steps %d..%d",
-            run_dir,
+            run.path,
             cfg.method,
             len(client_ids),
             start,
@@ -198,13 +158,27 @@ def _train(
             total=total_steps(cfg),
         ):
             global_state, final = run_step(
-                cfg, step, executor, ckpts, manifest, test, global_state, run_dir
+                cfg, step, executor, ckpts, manifest, test, global_state, run
             )
         if not final and latest is not None:
-            final = json.loads((latest / "metrics.json").read_text()).get("eval", {})
+            final = latest.metrics().get("eval", {})
         return final
     finally:
         executor.close()
+
+
+@dataclass
+class Fitted:
+    """What a round's fit phase produced: the aggregated global and who reported."""
+
+    global_state: AdapterState
+    losses: dict[str, dict]
+    reported: set[int]
+    failures: list[dict]
+    compute_s: float  # summed over clients
+    transfer_s: float
+    fold_s: float  # folding updates into the average as they arrived
+    bytes_up: int
 
 
 def run_step(
@@ -215,14 +189,76 @@ def run_step(
     manifest: Manifest,
     test,
     global_state: AdapterState,
-    run_dir: Path,
+    run: RunDir,
 ) -> tuple[AdapterState, dict]:
+    """One round: sample → fit and aggregate → calibrate → evaluate → commit → log."""
+    method = method_of(cfg)
     t0 = time.perf_counter()
-    finetune = step >= cfg.federation.rounds
-    ids = manifest.client_ids
-    sampled = ids if finetune else sample_clients(ids, cfg.federation, cfg.seed, step)
-    fit_ids = [-1] if cfg.method == "centralized" and not finetune else sampled
+    sampled = sample(cfg, manifest.client_ids, step)
+    fit_ids = method.fit_clients(step, sampled)
     stage = ckpts.stage(step)
+    fitted = fit_and_aggregate(cfg, step, executor, fit_ids, global_state, stage)
+    t_fit = time.perf_counter()
+    trust = calibrate(executor, cfg, step, sorted(fitted.reported), fitted.global_state, stage)
+    t_agg = time.perf_counter()
+    evaluation = (
+        evaluate(executor, cfg, manifest, test, step, fitted.global_state)
+        if eval_due(cfg, step)
+        else {}
+    )
+    t_eval = time.perf_counter()
+    ckpts.prepare(stage, fitted.global_state, lora_config(cfg.model, cfg.lora), fitted.reported)
+    t_done = time.perf_counter()
+    timing: Timing = {
+        "fit_s": t_fit - t0,  # wall time of the fit phase, aggregation folds included
+        "client_compute_s": fitted.compute_s,
+        "transfer_s": fitted.transfer_s,
+        "aggregate_s": fitted.fold_s + (t_agg - t_fit),
+        "eval_s": t_eval - t_agg,
+        "checkpoint_s": t_done - t_eval,  # the stage's files; the rename after it takes ms
+        "wall_s": t_done - t0,
+    }
+    record: RoundRecord = {
+        "round": step,
+        "phase": "finetune" if method.finetunes(step) else "round",
+        "sampled": sampled,
+        "losses": fitted.losses,
+        "bytes_up": fitted.bytes_up,
+        "bytes_down": state_nbytes(fitted.global_state) * len(fit_ids),
+        "timing": timing,
+        "eval": evaluation,
+        "trust": trust,
+        "failures": fitted.failures + executor.round_stats()["failures"],
+    }
+    ids = manifest.client_ids
+    state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled, "clients": ids}
+    ckpts.commit(stage, state, record)  # the record is complete: metrics.jsonl gets it as is
+    append_metrics(run, record, step)
+    if evaluation:
+        log.info(
+            "round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"]
+        )
+    return fitted.global_state, evaluation
+
+
+def sample(cfg: ExperimentConfig, ids: list[int], step: int) -> list[int]:
+    """The federation clients of step `step` (every client in a fine-tuning step)."""
+    if method_of(cfg).finetunes(step):
+        return ids
+    return sample_clients(ids, cfg.federation, cfg.seed, step)
+
+
+def fit_and_aggregate(
+    cfg: ExperimentConfig,
+    step: int,
+    executor: Executor,
+    fit_ids: list[int],
+    global_state: AdapterState,
+    stage: Stage,
+) -> Fitted:
+    """Fit `fit_ids`, folding each global update into FedAvg as it arrives. A NaN/inf update is
+    left out (its client's previous round is kept); fewer reporters than
+    `federation.min_fit_clients` abort the round before anything is committed."""
     avg = OrderedAverage(fit_ids)  # folds in client-id order: bit-identical whatever arrives first
     losses, compute, bytes_up, fold_s, rejected = {}, 0.0, 0, 0.0, []
     for res in executor.fit(step, fit_ids, global_state, stage):
@@ -246,60 +282,22 @@ def run_step(
         avg.add(res.client_id, update, res.num_examples)
         fold_s += time.perf_counter() - t
         bytes_up += state_nbytes(update)
-    t_fit = time.perf_counter()
     stats = executor.round_stats()
-    stats["failures"] += [
+    failures = stats["failures"] + [
         {"round": step, "client": c, "call": "fit", "error": "non-finite update"} for c in rejected
     ]
     if len(losses) < min(cfg.federation.min_fit_clients, len(fit_ids)):
         raise RuntimeError(
             f"round {step}: only {len(losses)} of {len(fit_ids)} clients reported, fewer than "
             f"federation.min_fit_clients={cfg.federation.min_fit_clients}; "
-            f"failures: {stats['failures']}"
+            f"failures: {failures}"
         )
     reported = {int(c) for c in losses}
-    ckpts.drop_unreported(stage, reported)  # evaluation reads staged files of reporters only
-    if avg.count:
-        global_state = avg.result()
-    trust = calibrate(executor, cfg, step, sorted(reported), global_state, stage)
-    t_agg = time.perf_counter()
-    evaluation = (
-        evaluate(executor, cfg, manifest, test, step, global_state) if eval_due(cfg, step) else {}
+    stage.drop_unreported(reported)  # evaluation reads staged files of reporters only
+    aggregated = avg.result() if avg.count else global_state
+    return Fitted(
+        aggregated, losses, reported, failures, compute, stats["transfer_s"], fold_s, bytes_up
     )
-    t_eval = time.perf_counter()
-    eval_stats = executor.round_stats()
-    global_bytes = state_nbytes(global_state)
-    timing: dict[str, float] = {
-        "fit_s": t_fit - t0,  # wall time of the fit phase, aggregation folds included
-        "client_compute_s": compute,  # summed over clients
-        "transfer_s": stats["transfer_s"],
-        "aggregate_s": fold_s + (t_agg - t_fit),
-        "eval_s": t_eval - t_agg,
-    }
-    record = {
-        "round": step,
-        "phase": "finetune" if finetune else "round",
-        "sampled": sampled,
-        "losses": losses,
-        "bytes_up": bytes_up,
-        "bytes_down": global_bytes * len(fit_ids),
-        "timing": timing,
-        "eval": evaluation,
-        "trust": trust,
-        "failures": stats["failures"] + eval_stats["failures"],
-    }
-    state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled, "clients": ids}
-    ckpts.commit(
-        step, stage, global_state, lora_config(cfg.model, cfg.lora), state, record, reported
-    )
-    timing["checkpoint_s"] = time.perf_counter() - t_eval
-    timing["wall_s"] = time.perf_counter() - t0
-    append_metrics(run_dir, record, step)
-    if evaluation:
-        log.info(
-            "round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"]
-        )
-    return global_state, evaluation
 
 
 def calibrate(
@@ -308,16 +306,16 @@ def calibrate(
     step: int,
     reported: list[int],
     global_state: AdapterState,
-    stage: Path,
+    stage: Stage,
 ) -> dict[str, float]:
     """{client: trust} of the clients that trained a local adapter this step, measured against
     the aggregated global they will be mixed with (not the one they were sent: it is a round
     older, and on dataset 1 a round changes which adapter wins)."""
-    if cfg.weighting.trust != "validation" or not algorithms.trains_local(cfg):
+    if cfg.weighting.trust != "validation" or not method_of(cfg).trains_local:
         return {}
     found = executor.calibrate(step, reported, global_state, stage)
     return {str(cid): t for cid, t in found if t is not None}
 
 
-def run_manifest(run_dir: Path) -> Manifest:
-    return read_manifest(str(run_dir / "data"))
+def run_manifest(run: RunDir) -> Manifest:
+    return read_manifest(str(run.data_dir))

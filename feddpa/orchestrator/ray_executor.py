@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import ray
 from ray.exceptions import (
@@ -24,9 +23,10 @@ from ray.exceptions import (
 
 from feddpa.actors.host import FitResult
 from feddpa.actors.ray_actor import client_actor_class, from_wire, to_wire
+from feddpa.core.algorithms import method_of
 from feddpa.core.config import ExperimentConfig
 from feddpa.core.evaluation import ItemScores
-from feddpa.orchestrator.executor import hosted_ids
+from feddpa.core.storage import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,13 @@ def assign(client_ids: list[int], n_actors: int) -> list[list[int]]:
 
 class RayExecutor:
     def __init__(
-        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], checkpoints: Path
+        self, cfg: ExperimentConfig, data_dir: str, client_ids: list[int], run: RunDir
     ) -> None:
         self.cfg = cfg
-        ids = hosted_ids(cfg, client_ids)
+        ids = method_of(cfg).hosted_clients(client_ids)
         actor_cls = client_actor_class(cfg)
         self.blocks = assign(ids, actor_count(cfg, len(ids)))
-        self.actors = [
-            actor_cls.remote(cfg, data_dir, block, str(checkpoints)) for block in self.blocks
-        ]
+        self.actors = [actor_cls.remote(cfg, data_dir, block, run) for block in self.blocks]
         self.owner = {cid: self.actors[i] for i, block in enumerate(self.blocks) for cid in block}
         self.failures: list[dict] = []
         self.suspects: set[int] = set()  # actors that failed a call: maybe restarting
@@ -133,7 +131,7 @@ class RayExecutor:
     def fit(self, step, client_ids, global_state, stage) -> Iterator[FitResult]:
         self._await_restarts()
         ref = ray.put(to_wire(global_state))
-        pending = {self.owner[c].fit.remote(c, step, ref, str(stage)): c for c in client_ids}
+        pending = {self.owner[c].fit.remote(c, step, ref, stage): c for c in client_ids}
         for result in self._gather(pending, step, "fit"):
             if result.global_state is not None:
                 result = dataclasses.replace(result, global_state=from_wire(result.global_state))
@@ -156,7 +154,7 @@ class RayExecutor:
         """A client whose call fails keeps the trust 0 its fit staged (served as FedIT)."""
         self._await_restarts()
         ref = ray.put(to_wire(global_state))
-        pending = {self.owner[c].calibrate.remote(c, ref, step, str(stage)): c for c in client_ids}
+        pending = {self.owner[c].calibrate.remote(c, ref, step, stage): c for c in client_ids}
         yield from self._gather(pending, step, "calibrate")
 
     def evaluate_global(self, global_state) -> ItemScores:

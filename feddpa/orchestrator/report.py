@@ -11,21 +11,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from feddpa.core.storage import read_jsonl  # noqa: E402
+from feddpa.core.storage import RunDir  # noqa: E402
 from feddpa.orchestrator.paired import paired  # noqa: E402
 
 Summary = dict  # {"final": eval record, "curve": [[round, P, TTP], ...]}
 
 
 def run_summary(run_dir: Path) -> Summary:
-    """The final evaluation and the per-round curve of a run, from its metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: nothing was trained there yet")
-    records = read_jsonl(path)
-    evals = [r for r in records if r.get("eval")]
+    """The final evaluation and the per-round curve of a run, from its metrics log."""
+    run = RunDir(run_dir)
+    if not run.metrics_file.is_file():
+        raise FileNotFoundError(
+            f"{run.path} has no {run.metrics_file.name}: nothing was trained there yet"
+        )
+    evals = [r for r in run.read_metrics() if r.get("eval")]
     if not evals:
-        raise ValueError(f"{path}: no evaluated round yet")
+        raise ValueError(f"{run.metrics_file}: no evaluated round yet")
     curve = [[r["round"], r["eval"]["avg"]["P"], r["eval"]["avg"]["TTP"]] for r in evals]
     return {"final": evals[-1]["eval"], "curve": curve, "records": evals}
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from feddpa.core.atomic import atomic_write_bytes
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -94,18 +95,10 @@ def create_tokens(client_ids: list[int], out: Path) -> dict:
     per_client = {str(c): f"fdpa-c{c}-{secrets.token_urlsafe(24)}" for c in client_ids}
     plain = {"admin": admin, "clients": per_client}
     hashed = {"admin": digest(admin), "clients": {k: digest(v) for k, v in per_client.items()}}
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(hashed, indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, out)  # unlike rename, fails if `out` appeared meanwhile
+        atomic_write_bytes(out, json.dumps(hashed, indent=2).encode(), exclusive=True, mode=0o600)
     except FileExistsError:
         raise FileExistsError(
             f"{out} exists; choose a new file (existing tokens stay valid)"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return plain

@@ -11,13 +11,12 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from feddpa.core.storage import latest_checkpoint
+from feddpa.core.storage import RunDir
 from feddpa.serving.app import AppState, Limits, build_app
 from feddpa.serving.auth import TokenStore
 from feddpa.serving.batcher import Batcher
@@ -168,7 +167,7 @@ def queue_settings(options: ServeOptions) -> tuple[dict, dict]:
 
 def build_application(options: ServeOptions):
     """The bound Serve application for `serve.run`."""
-    if latest_checkpoint(Path(options.run_dir) / "checkpoints") is None:
+    if RunDir(options.run_dir).latest() is None:
         raise FileNotFoundError(f"{options.run_dir}: no committed training round to serve")
     ingress_queue, personalizer_queue = queue_settings(options)
     personalizer = serve.deployment(

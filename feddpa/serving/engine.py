@@ -20,7 +20,6 @@ round meanwhile (FileNotFoundError) the engine moves to the newest round and loa
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -39,19 +38,13 @@ from feddpa.core.adapters import (
     load_adapter_state,
     set_trainable,
 )
-from feddpa.core.config import WeightingConfig, WeightMode, load_config
+from feddpa.core.config import WeightingConfig, WeightMode
 from feddpa.core.evaluation import ClientWeighting, query_representations
 from feddpa.core.models import build_task_model
 from feddpa.core.models.causal import TextSink
 from feddpa.core.records import Example
 from feddpa.core.stack import LocalStack
-from feddpa.core.storage import (
-    ADAPTER_FILE,
-    client_dir,
-    latest_checkpoint,
-    load_adapter,
-    load_bank,
-)
+from feddpa.core.storage import LATEST, Round, RunDir
 from feddpa.core.weighting import ClientBank, mix_rows, needs_bank
 from feddpa.serving.errors import TooLarge, Unavailable, UnknownClient
 
@@ -84,7 +77,7 @@ class RoundVanished(Unavailable):
 class LoadedRound:
     """A committed round read and checked whole, before it replaces the served one."""
 
-    path: Path
+    source: Round
     clients: list[int]
     global_state: AdapterState
     banks: dict[int, ClientBank]
@@ -119,13 +112,14 @@ class Result:
 
 class ServingEngine:
     def __init__(self, run_dir: str | Path, capacity: int = 128) -> None:
-        self.run_dir = Path(run_dir)
-        self.cfg = load_config(self.run_dir / "config.yaml")
+        self.run = RunDir(run_dir)
+        self.run_dir = self.run.path
+        self.cfg = self.run.read_config()
         self.model = build_task_model(self.cfg.model, self.cfg.lora, self.cfg.eval)
         self.model.peft.base_model.set_adapter([GLOBAL])  # type: ignore[union-attr,operator]
         set_trainable(self.model.peft, None)  # set_adapter marks the active adapter trainable
         self.stack = LocalStack(self.model.peft, slots=min(capacity, 16))  # grows by doubling
-        self.weighting = algorithms.eval_weighting(self.cfg)
+        self.weighting = algorithms.method_of(self.cfg).eval_weighting()
         self.capacity = capacity
         self.slots: OrderedDict[int, ClientSlot] = OrderedDict()
         self.version = ""
@@ -149,9 +143,9 @@ class ServingEngine:
         """Switch to the newest committed round if training moved on and it checks out; True if
         a round is served. Raises only when there is no round to fall back on (start-up)."""
         with self.lock:  # never swap the global or evict under a running batch
-            name = "LATEST"
+            name = LATEST
             try:
-                latest = latest_checkpoint(self.run_dir / "checkpoints")
+                latest = self.run.latest()
                 if latest is None:
                     return bool(self.version)
                 name = latest.name
@@ -189,34 +183,33 @@ class ServingEngine:
         for cid in list(self.slots):
             self._evict(cid)
         self.round, self.clients = loaded, loaded.clients
-        self.version, self.checkpoint = loaded.path.name, loaded.path
+        self.version = loaded.source.name
         self.problem = self.failed = None
-        log.info("serving %s (%d clients)", loaded.path.name, len(self.clients))
+        log.info("serving %s (%d clients)", loaded.source.name, len(self.clients))
 
-    def _read_round(self, path: Path) -> LoadedRound:
+    def _read_round(self, source: Round) -> LoadedRound:
         """Read and check a committed round whole; raises naming the file at fault."""
-        state = json.loads((path / "state.json").read_text())
-        clients = sorted(int(c) for c in state["clients"])
-        global_state = load_adapter(path / "global")
-        self._check_adapter(path / "global" / ADAPTER_FILE, _shapes(global_state))
+        clients = source.client_ids()
+        global_state = source.global_adapter()
+        self._check_adapter(source.global_file, _shapes(global_state))
         for key, value in global_state.items():
             if not torch.isfinite(value).all():
-                raise ValueError(f"{path / 'global'}: {key} holds NaN or inf")
+                raise ValueError(f"{source.global_dir}: {key} holds NaN or inf")
         banks, has_local = {}, set()
         for cid in clients:
-            cdir = client_dir(path, cid)
-            if (cdir / "local").is_dir():
-                self._check_adapter(cdir / "local" / ADAPTER_FILE, _header_shapes(cdir / "local"))
+            files = source.client(cid)
+            if files.has_local():
+                self._check_adapter(files.local_file, _header_shapes(files.local_file))
                 has_local.add(cid)
-            if (cdir / "bank.safetensors").is_file():
-                bank = load_bank(cdir / "bank.safetensors")
+            bank = files.read_bank()
+            if bank is not None:
                 if bank.vectors.ndim != 2 or not torch.isfinite(bank.vectors).all():
-                    raise ValueError(f"{cdir / 'bank.safetensors'}: not an (N, H) finite bank")
+                    raise ValueError(f"{files.bank_file}: not an (N, H) finite bank")
                 # copies: the loaded tensors may map the file, which must not pin the round
                 banks[cid] = replace(bank, vectors=bank.vectors.clone(), loo=bank.loo.clone())
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"{path} was removed while it was read")
-        return LoadedRound(path, clients, global_state, banks, frozenset(has_local))
+        if not source.committed():
+            raise FileNotFoundError(f"{source.path} was removed while it was read")
+        return LoadedRound(source, clients, global_state, banks, frozenset(has_local))
 
     def _check_adapter(self, where: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         if shapes.keys() != self.expected.keys():
@@ -259,14 +252,14 @@ class ServingEngine:
             start = time.perf_counter()
             index = -1
             if cid in self.round.has_local:
-                local = client_dir(self.checkpoint, cid) / "local"
+                files = self.round.source.client(cid)
                 try:
-                    state = load_adapter(local)
+                    state = files.read_local()
                 except FileNotFoundError:
-                    raise RoundVanished(
-                        f"{self.version} was removed while serving it; retry"
-                    ) from None
-                index = self.stack.put(state, owner=str(local))
+                    state = None
+                if state is None:
+                    raise RoundVanished(f"{self.version} was removed while serving it; retry")
+                index = self.stack.put(state, owner=str(files.local_dir))
             bank = self.round.banks.get(cid)
             self.slots[cid] = ClientSlot(cid, index, bank, time.perf_counter() - start)
             return self.slots[cid]
@@ -413,11 +406,10 @@ def _shapes(state: AdapterState) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _header_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a saved adapter from the file's header (no tensor is read)."""
     from safetensors import safe_open
 
-    path = directory / ADAPTER_FILE
     try:
         with safe_open(str(path), "pt") as fh:
             return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118

@@ -16,14 +16,7 @@ from feddpa.core.adapters import (
     fresh_adapter_state,
     load_adapter_state,
 )
-from feddpa.core.algorithms import (
-    derive_seed,
-    eval_weighting,
-    finetune_phases,
-    round_phases,
-    trains_local,
-    uploads_global,
-)
+from feddpa.core.algorithms import derive_seed, method_of
 from feddpa.core.config import (
     EvalConfig,
     ExperimentConfig,
@@ -57,14 +50,16 @@ GLOBAL_PHASE = ("global", GLOBAL, Mix(1.0, 0.0), 2)
 def test_global_only_rounds(method):
     cfg = config(method)
     for r in range(4):
-        assert summary(round_phases(cfg, r)) == [GLOBAL_PHASE]
+        assert summary(method_of(cfg).round_phases(r)) == [GLOBAL_PHASE]
 
 
 def test_feddpa_t_round0_is_fedit_then_local_before_global():
     cfg = config("feddpa_t")
-    assert summary(round_phases(cfg, 0)) == summary(round_phases(config("fedit"), 0))
+    assert summary(method_of(cfg).round_phases(0)) == summary(
+        method_of(config("fedit")).round_phases(0)
+    )
     for r in (1, 2, 5):
-        phases = round_phases(cfg, r)
+        phases = method_of(cfg).round_phases(r)
         # order matters: the local adapter trains against the global received, then the global
         assert [p.adapter for p in phases] == [LOCAL, GLOBAL]
         local, glob = summary(phases)
@@ -73,32 +68,38 @@ def test_feddpa_t_round0_is_fedit_then_local_before_global():
 
 
 def test_feddpa_t_mix_follows_a():
-    (local, _) = round_phases(config("feddpa_t", mix_a=0.5), 1)
+    (local, _) = method_of(config("feddpa_t", mix_a=0.5)).round_phases(1)
     assert local.mix == Mix(0.5, 0.5)
-    (local, _) = round_phases(config("feddpa_t", mix_a=1.0), 1)
+    (local, _) = method_of(config("feddpa_t", mix_a=1.0)).round_phases(1)
     assert local.mix == Mix(0.0, 1.0)
 
 
 def test_local_method_trains_local_only():
     cfg = config("local")
     for r in range(3):
-        assert summary(round_phases(cfg, r)) == [("local", LOCAL, LOCAL_ONLY, 3)]
+        assert summary(method_of(cfg).round_phases(r)) == [("local", LOCAL, LOCAL_ONLY, 3)]
 
 
 def test_finetune_phases_only_for_feddpa_f():
-    assert summary(finetune_phases(config("feddpa_f"))) == [("finetune", LOCAL, Mix(0.0, 1.0), 4)]
+    assert summary(method_of(config("feddpa_f")).finetune_phases()) == [
+        ("finetune", LOCAL, Mix(0.0, 1.0), 4)
+    ]
     for method in ("fedit", "feddpa_t", "local", "centralized"):
-        assert finetune_phases(config(method)) == []
+        assert method_of(config(method)).finetune_phases() == []
 
 
 def test_uploads_and_trains_local():
-    assert {m for m in METHODS if uploads_global(config(m))} == {
+    assert {m for m in METHODS if method_of(config(m)).uploads_global} == {
         "fedit",
         "feddpa_t",
         "feddpa_f",
         "centralized",
     }
-    assert {m for m in METHODS if trains_local(config(m))} == {"feddpa_t", "feddpa_f", "local"}
+    assert {m for m in METHODS if method_of(config(m)).trains_local} == {
+        "feddpa_t",
+        "feddpa_f",
+        "local",
+    }
 
 
 def test_eval_weighting_per_method():
@@ -111,7 +112,7 @@ def test_eval_weighting_per_method():
         ("feddpa_f", "sample"),
     ]:
         cfg = build_config({"method": method, "weighting": weighting})
-        got = eval_weighting(cfg)
+        got = method_of(cfg).eval_weighting()
         assert got.mode == mode, method
         # everything else is kept
         assert (got.k, got.weight_on, got.lam) == (3, "local", 0.4)

@@ -129,3 +129,98 @@ def offenders_in(path: Path, root: Path) -> list[str]:
     return sorted(
         n for n in imported_modules(path, root) if any(n == b or n.startswith(b + ".") for b in bad)
     )
+
+
+# --- the run directory has one blueprint: core/storage.py -----------------------------------------
+
+RUN_DIR_NAMES = {
+    "checkpoints",
+    "LATEST",
+    "state.json",
+    "metrics.json",
+    "metrics.jsonl",
+    "bank.safetensors",
+    "adapter_model.safetensors",
+    "config.yaml",
+    "execution.json",
+    "train.log",
+    "deepspeed_config.json",
+    ".lock",
+}
+RUN_DIR_PARTS = {"local", "global", "checkpoints", "data", "results", "results-eval"}
+
+
+def run_dir_literals(path: Path) -> list[str]:
+    """Where `path` spells a run-directory name: a string literal naming one of its files, or a
+    `something / "local"`-style join onto one of its sub-directories."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Constant) and node.value in RUN_DIR_NAMES:
+            found.append(f"{path.name}:{node.lineno} {node.value!r}")
+        elif (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Div)
+            and isinstance(node.right, ast.Constant)
+            and node.right.value in RUN_DIR_PARTS
+        ):
+            found.append(f"{path.name}:{node.lineno} / {node.right.value!r}")
+    return found
+
+
+def test_no_module_but_storage_spells_a_run_directory_path():
+    storage = PACKAGE / "core" / "storage.py"
+    outside = [f for f in sources() if f != storage]
+    assert [hit for f in outside for hit in run_dir_literals(f)] == []
+    assert run_dir_literals(storage), "the scanner finds nothing even in storage.py"
+
+
+def test_run_dir_scanner_sees_literals_and_joins(tmp_path):
+    fake = tmp_path / "engine.py"
+    fake.write_text(
+        'a = run / "checkpoints" / "LATEST"\nb = cdir / "local"\nc = {"local": 1}\nd = "LATESTX"\n'
+    )
+    assert sorted(run_dir_literals(fake)) == [
+        "engine.py:1 'LATEST'",
+        "engine.py:1 'checkpoints'",
+        "engine.py:1 / 'checkpoints'",
+        "engine.py:2 / 'local'",
+    ]
+
+
+# --- methods are strategies: only core/algorithms.py compares method names -----------------------
+
+METHOD_NAMES = {"fedit", "feddpa_t", "feddpa_f", "local", "centralized"}
+
+
+def method_comparisons(path: Path) -> list[str]:
+    """`cfg.method == "feddpa_f"`, `method in ("fedit", ...)` and the like: a method decided by
+    its name (a comparison of something called `method` with a method name)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        names: set[object] = set()
+        for side in sides:
+            if isinstance(side, ast.Tuple | ast.List | ast.Set):
+                names.update(e.value for e in side.elts if isinstance(e, ast.Constant))
+            elif isinstance(side, ast.Constant):
+                names.add(side.value)
+        if names & METHOD_NAMES and any("method" in ast.unparse(side) for side in sides):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_method_name_is_compared_outside_the_strategies():
+    strategies = PACKAGE / "core" / "algorithms.py"
+    outside = [f for f in sources() if f != strategies]
+    assert [hit for f in outside for hit in method_comparisons(f)] == []
+
+
+def test_method_comparison_scanner(tmp_path):
+    fake = tmp_path / "loop.py"
+    fake.write_text(
+        'a = cfg.method == "feddpa_f"\nb = method in ("fedit", "x")\nc = address == "local"\n'
+        'd = cfg.method == "other"\n'
+    )
+    assert method_comparisons(fake) == ["loop.py:1", "loop.py:2"]

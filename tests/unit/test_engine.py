@@ -15,6 +15,7 @@ from transformers import get_linear_schedule_with_warmup
 from feddpa.actors import engine
 from feddpa.actors.engine import DeepSpeedPhase, deepspeed_config, write_deepspeed_config
 from feddpa.core.config import ConfigError, ExperimentConfig, build_config
+from feddpa.core.storage import RunDir
 
 TRAIN = {"batch_size": 16, "micro_batch_size": 4, "lr": 2e-4, "weight_decay": 0.01}
 
@@ -103,7 +104,7 @@ def test_invalid_engine_settings_name_the_key(engine_section, words):
 
 def test_written_json_is_the_config(tmp_path):
     cfg = config(zero_stage=3)
-    path = write_deepspeed_config(cfg, tmp_path / "run")
+    path = write_deepspeed_config(cfg, RunDir(tmp_path / "run").deepspeed_file)
     assert path == tmp_path / "run" / "deepspeed_config.json"
     assert json.loads(path.read_text()) == deepspeed_config(cfg)
     assert [p.name for p in path.parent.iterdir()] == ["deepspeed_config.json"]

@@ -7,7 +7,6 @@ every staged client, arrival-order FedAvg, a plain metrics rewrite, no run lock)
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -19,16 +18,14 @@ import feddpa.orchestrator.loop as loop
 from feddpa.actors.host import ClientHost, FitResult
 from feddpa.core.fedavg import FlatState, OrderedAverage, RunningAverage
 from feddpa.core.storage import (
-    EXECUTION_FILE,
+    RunDir,
     RunLocked,
     client_dir,
     load_adapter,
     load_bank,
-    run_lock,
     stage_client,
 )
 from feddpa.datasets import read_manifest
-from feddpa.orchestrator.checkpoint import Checkpoints
 from feddpa.orchestrator.executor import InProcessExecutor
 
 UNEQUAL = {"partition": "dirichlet", "num_clients": 3, "alpha": 0.5, "train_per_task": 6}
@@ -153,17 +150,20 @@ def test_a_restarted_host_evaluates_a_finished_client_with_its_staged_round(
         mp.setattr(loop, "run_step", stop_before_round_1)
         with pytest.raises(RuntimeError):
             loop.train(cfg, run_dir, InProcessExecutor)
-    ckpts = Checkpoints(run_dir / "checkpoints", 2)
-    g = ckpts.global_state(ckpts.latest())
+    run = RunDir(run_dir)
+    ckpts = run.checkpoints()
+    latest = ckpts.latest()
+    assert latest is not None
+    g = latest.global_adapter()
     data = str(run_dir / "data")
-    first = ClientHost(cfg, data, [0, 1], ckpts.root)
+    first = ClientHost(cfg, data, [0, 1], run)
     stage = ckpts.stage(1)
     first.fit(0, 1, g, stage)
     want = first.evaluate(0, g, 1)
-    restarted = ClientHost(cfg, data, [0, 1], ckpts.root)  # the actor came back
+    restarted = ClientHost(cfg, data, [0, 1], run)  # the actor came back
     got = restarted.evaluate(0, g, 1)
     assert got == want
-    staged = load_adapter(client_dir(stage, 0) / "local")
+    staged = load_adapter(client_dir(stage.path, 0) / "local")
     assert all(torch.equal(restarted.clients[0].local[k], v) for k, v in staged.items())
     assert restarted.clients[1].local is None  # client 1 had not finished round 1: committed state
 
@@ -177,7 +177,7 @@ def test_a_corrupt_adapter_fails_loudly_and_never_resets_the_client(
     latest = latest_round(run_dir)
     bad = client_dir(latest, 1) / "local" / "adapter_model.safetensors"
     bad.write_bytes(b"\x00garbage")
-    host = ClientHost(cfg, str(run_dir / "data"), [0, 1], run_dir / "checkpoints")
+    host = ClientHost(cfg, str(run_dir / "data"), [0, 1], RunDir(run_dir))
     g = load_adapter(latest / "global")
     for _ in range(2):  # still stale after a failed read: the second call fails again
         with pytest.raises(ValueError, match="client_00001/local/adapter_model.safetensors"):
@@ -205,17 +205,19 @@ def test_commit_takes_only_clients_that_reported(small_cfg, tiny_llama_dir, tmp_
     cfg = two_round_cfg(small_cfg, tiny_llama_dir, method="feddpa_t")
     run_dir = tmp_path / "run"
     loop.train(cfg, run_dir, InProcessExecutor)
-    ckpts = Checkpoints(run_dir / "checkpoints", 3)
+    ckpts = RunDir(run_dir).checkpoints(3)
     previous = ckpts.latest()
+    assert previous is not None
     stage = ckpts.stage(2)
     for cid in (0, 1):  # both staged a new local adapter; only client 0 reported
-        stage_client(stage, cid, lambda d: (d / "marker").write_text("new"))
-    state = {**ckpts.state(previous), "completed_steps": 3}
-    g = ckpts.global_state(previous)
-    final = ckpts.commit(2, stage, g, load_config_lora(cfg), state, {}, reported={0})
+        stage_client(stage.path, cid, lambda d: (d / "marker").write_text("new"))
+    state = {**previous.state(), "completed_steps": 3}
+    g = previous.global_adapter()
+    ckpts.prepare(stage, g, load_config_lora(cfg), reported={0})
+    final = ckpts.commit(stage, state, {}).path
     assert (client_dir(final, 0) / "marker").is_file()
     assert not (client_dir(final, 1) / "marker").exists()
-    old_bank = load_bank(client_dir(previous, 1) / "bank.safetensors")
+    old_bank = load_bank(client_dir(previous.path, 1) / "bank.safetensors")
     new_bank = load_bank(client_dir(final, 1) / "bank.safetensors")
     assert torch.equal(old_bank.vectors, new_bank.vectors)  # carried forward
 
@@ -257,7 +259,7 @@ def test_a_corrupt_metrics_line_names_the_file_and_line(small_cfg, tiny_llama_di
     path = run_dir / "metrics.jsonl"
     path.write_text(path.read_text() + '{"round": 1, "trunc\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
-        loop.append_metrics(run_dir, {"round": 1}, 1)
+        loop.append_metrics(RunDir(run_dir), {"round": 1}, 1)
 
 
 def test_latest_must_name_a_round(tmp_path):
@@ -278,7 +280,7 @@ def test_a_second_writer_is_refused_and_nothing_is_touched(small_cfg, tiny_llama
         return {p.relative_to(run_dir): p.read_bytes() for p in files if p.name != ".lock"}
 
     before = contents()
-    with run_lock(run_dir):  # as a first --resume holding the run
+    with RunDir(run_dir).lock():  # as a first --resume holding the run
         with pytest.raises(RunLocked, match=r"being written by pid \d+"):
             loop.train(cfg, run_dir, InProcessExecutor, resume=True)
         assert cli("train", "--resume", str(run_dir)) == 2
@@ -288,12 +290,12 @@ def test_a_second_writer_is_refused_and_nothing_is_touched(small_cfg, tiny_llama
 def test_resume_uses_the_executor_the_run_was_started_with(tmp_path, capsys):
     from feddpa.cli import resumed_executor
 
-    (tmp_path / EXECUTION_FILE).write_text(json.dumps({"ray": "local"}))
+    RunDir(tmp_path).write_execution("local")
     assert resumed_executor(tmp_path, None, False) == "local"
     assert "on Ray (local), as it was started" in capsys.readouterr().err
     assert resumed_executor(tmp_path, None, True) is None  # --in-process, on purpose
     assert resumed_executor(tmp_path, "auto", False) == "auto"
-    (tmp_path / EXECUTION_FILE).write_text(json.dumps({"ray": None}))
+    RunDir(tmp_path).write_execution(None)
     assert resumed_executor(tmp_path, None, False) is None
 
 
