@@ -541,14 +541,16 @@ def test_bank_mode_without_banks_is_refused(run, client_items, tmp_path):
 def test_rows_without_local_weight_share_option_encodings_across_clients():
     """Option sequences are encoded once per (text, weights, client); a row whose local weight is
     0 computes the same for every client, so its options are shared across clients."""
+    from types import SimpleNamespace
+
     from feddpa.core.adapters import Mix
     from feddpa.core.models.mc import option_rows
 
     ex = Example(format_options("Pick one.", ["yes", "no", "maybe"]), "no", "t")
-    route = torch.tensor([0, 1])
-    alone = option_rows([ex, ex], Mix(torch.ones(2), torch.zeros(2), route))
+    route = SimpleNamespace(index=torch.tensor([0, 1]))  # option_rows reads the rows' adapters
+    alone = option_rows([ex, ex], Mix(torch.ones(2), torch.zeros(2)), route)
     assert alone.texts == ["yes", "no", "maybe"] and alone.index == [[0, 1, 2], [0, 1, 2]]
-    mixed = option_rows([ex, ex], Mix(torch.full((2,), 0.5), torch.full((2,), 0.5), route))
+    mixed = option_rows([ex, ex], Mix(torch.full((2,), 0.5), torch.full((2,), 0.5)), route)
     assert len(mixed.texts) == 6  # the local adapters differ: one encoding per client
 
 
