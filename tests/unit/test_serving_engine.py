@@ -640,15 +640,12 @@ def test_the_personalizer_streams_and_the_ray_backend_relays(causal):
     Failure is raised as itself and a failing call becomes a plain error."""
     import asyncio
 
-    from feddpa.serving.batcher import Batcher
     from feddpa.serving.deployment import Personalizer, RayBackend
     from feddpa.serving.engine import Result
     from feddpa.serving.errors import Failure, ServingError
 
     engine, _ = causal
-    replica = Personalizer.__new__(Personalizer)  # the replica's state without a Serve actor
-    replica.engine = engine
-    replica.batcher = Batcher(engine.run_batch, 4, 0.0)
+    replica = Personalizer(lambda: engine, max_batch_size=4, batch_wait_s=0.0)  # no Serve actor
     req = Request(0, Example(PROMPTS[0], "", "r"), "generate", None, 4, request_id="r1")
 
     async def drain(items) -> list:
