@@ -1,6 +1,7 @@
-"""Request metrics: every request counted by its route *template* (`/v1/clients/{client_id}/predict`)
-and status, a path that matches no route as "unmatched", so labels stay bounded whatever is sent.
-`Metrics` is one app's registry (`GET /metrics` shows it); `MetricsMiddleware` counts.
+"""Request metrics: every request counted by its route *template*
+(`/v1/clients/{client_id}/predict`) and status, a path that matches no route as "unmatched", so
+labels stay bounded whatever is sent. `Metrics` is one app's registry (`GET /metrics` shows it);
+`MetricsMiddleware` counts.
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
-"""The app's outer layers, plain ASGI so that they run before any route reads the body:
+"""The app's outer layers, plain ASGI so that they run before any route reads the body (the
+metrics layer is in `metrics.py`):
 
-- `RequestIdMiddleware`: every request gets an id (`request.state.request_id`, the X-Request-ID header of
-  its response, the `request_id` of an error body), and the log names it;
+- `RequestIdMiddleware`: every request gets an id (`request.state.request_id`, the X-Request-ID
+  header of its response, the `request_id` of an error body), and the log names it;
 - `AuthMiddleware`: with a tokens file, every path but the public ones needs a valid bearer token
   (401 otherwise), checked before the body is read, so an unauthenticated request never learns
   anything about the body it sent; `/metrics` needs the admin token. It is the one check: routes
   read what it found (`token_owner`), never the token;
-- `BodyLimitMiddleware`: a declared `Content-Length` over the limit is refused (413) before a byte is read,
-  and a chunked body is counted as it streams in and refused the moment it passes the limit.
+- `BodyLimitMiddleware`: a declared `Content-Length` over the limit is refused (413) before a byte
+  is read, and a chunked body is counted as it streams in and refused the moment it passes the
+  limit.
 """
 
 from __future__ import annotations

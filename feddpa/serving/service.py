@@ -52,6 +52,8 @@ def as_http(failure: Failure, limits: Limits) -> HTTPException:
 
 
 class CompletionService:
+    """The logic the native and the OpenAI routes share, over one app's `AppState`."""
+
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.started = int(time.time())  # the model cards' `created`
