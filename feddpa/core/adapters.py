@@ -6,6 +6,8 @@ Every adapted linear layer computes
 
 where (w_g, w_l) is a `Mix`. peft keeps a per-adapter `scaling` in each LoRA layer; we set it to
 s·w, and w may be a tensor of shape (B,) so one batch mixes many rows (reshaped to (B, 1, 1)).
+A `RowRoute` passed beside the mix (as peft's per-call `adapter_names=`) gives each row a local
+adapter of its own in place of the one named `local`.
 Training one adapter freezes the other and stops the gradient through its output (a forward hook
 that detaches its lora_B output), so `a·ΔL + (1−a)·stopgrad(ΔG)` is exact.
 """
@@ -15,17 +17,14 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from torch import nn
-
-if TYPE_CHECKING:
-    from feddpa.core.stack import LocalStack
 
 GLOBAL = "global"
 LOCAL = "local"
@@ -34,33 +33,29 @@ ADAPTERS = (GLOBAL, LOCAL)
 AdapterState = dict[str, torch.Tensor]
 
 
+def select_rows(
+    t: torch.Tensor, index: torch.Tensor | None = None, repeat: int = 1
+) -> torch.Tensor:
+    """Per-example values as per-sequence rows: the rows `index` of `t`, each repeated `repeat`x."""
+    if index is not None:
+        t = t[index]
+    return t.repeat_interleave(repeat) if repeat > 1 else t
+
+
 @dataclass(frozen=True)
 class Mix:
-    """Weights of the global and local adapter: floats, or tensors of shape (B,) per row.
-
-    With `stack` (serving: a batch holding many clients), the local term of row i comes from the
-    stack's slot `local_of_row[i]` (-1: that row has no local adapter) instead of the peft
-    adapter named `local`.
-    """
+    """Weights of the global and local adapter: floats, or tensors of shape (B,) per row."""
 
     global_w: float | torch.Tensor
     local_w: float | torch.Tensor
-    local_of_row: torch.Tensor | None = None
-    stack: LocalStack | None = None
 
     def rows(self, index: torch.Tensor | None = None, repeat: int = 1) -> Mix:
         """Expand per-example weights to per-sequence rows: select by `index`, repeat each `repeat`x."""
 
-        def expand(w):
-            if not isinstance(w, torch.Tensor):
-                return w
-            if index is not None:
-                w = w[index]
-            return w.repeat_interleave(repeat) if repeat > 1 else w
+        def expand(w: float | torch.Tensor) -> float | torch.Tensor:
+            return select_rows(w, index, repeat) if isinstance(w, torch.Tensor) else w
 
-        return Mix(
-            expand(self.global_w), expand(self.local_w), expand(self.local_of_row), self.stack
-        )
+        return Mix(expand(self.global_w), expand(self.local_w))
 
     def as_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row tensors (n,) of both weights."""
@@ -69,6 +64,32 @@ class Mix:
             return w.float() if isinstance(w, torch.Tensor) else torch.full((n,), float(w))
 
         return full(self.global_w), full(self.local_w)
+
+
+class RowRoute(Protocol):
+    """A local adapter per row, passed beside a `Mix` (as peft's per-call `adapter_names=`): within
+    `mixed`, row i's local term comes from adapter `index[i]` (-1: none) instead of the adapter
+    named `local`. `mixed` applies it; an implementation holds the adapters."""
+
+    @property
+    def index(self) -> torch.Tensor:
+        """(B,) int: each row's adapter; rows with the same index share their local term."""
+        ...
+
+    def rows(self, index: torch.Tensor | None = None, repeat: int = 1) -> RowRoute:
+        """The route of `Mix.rows(index, repeat)`'s rows."""
+        ...
+
+    def applied(self, weight: torch.Tensor) -> AbstractContextManager[None]:
+        """Within the block every LoRA layer adds row i's local term times `weight[i]` (B,)."""
+        ...
+
+
+def route_rows(
+    route: RowRoute | None, index: torch.Tensor | None = None, repeat: int = 1
+) -> RowRoute | None:
+    """`route.rows(index, repeat)`, or None without a route."""
+    return None if route is None else route.rows(index, repeat)
 
 
 GLOBAL_ONLY = Mix(1.0, 0.0)
@@ -106,12 +127,10 @@ def _layer_weight(w: float | torch.Tensor, like: torch.Tensor) -> float | torch.
 
 
 @contextmanager
-def mixed(model: nn.Module, mix: Mix) -> Iterator[None]:
-    """Run the block with adapter scalings s·w_g and s·w_l (the local term from `mix.stack` when
-    the batch holds many clients); restores the plain scalings after."""
-    if (mix.stack is None) != (mix.local_of_row is None):
-        raise ValueError("Mix.local_of_row and Mix.stack go together")
-    local_w = mix.local_w if mix.stack is None else 0.0  # the stack supplies the local term
+def mixed(model: nn.Module, mix: Mix, route: RowRoute | None = None) -> Iterator[None]:
+    """Run the block with adapter scalings s·w_g and s·w_l (the local term from `route`'s adapters
+    when one is given); restores the plain scalings after."""
+    local_w = mix.local_w if route is None else 0.0  # the route supplies the local term
     weights = {GLOBAL: mix.global_w, LOCAL: local_w}
     for layer in lora_layers(model):
         ref = layer.lora_A[GLOBAL].weight
@@ -119,11 +138,8 @@ def mixed(model: nn.Module, mix: Mix) -> Iterator[None]:
         for name, w in weights.items():
             layer.scaling[name] = _base_scale(layer, name) * _layer_weight(w, ref)
     try:
-        if mix.stack is not None and mix.local_of_row is not None:
-            n = len(mix.local_of_row)
-            with mix.stack.applied(mix.local_of_row, mix.as_rows(n)[1]):
-                yield
-        else:
+        local = nullcontext() if route is None else route.applied(mix.as_rows(len(route.index))[1])
+        with local:
             yield
     finally:
         for layer in lora_layers(model):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from feddpa.core import algorithms
-from feddpa.core.adapters import LOCAL_ONLY, Mix
+from feddpa.core.adapters import LOCAL_ONLY, Mix, RowRoute, route_rows
 from feddpa.core.config import WeightingConfig
 from feddpa.core.models import TaskModel, token_embedding_means
 from feddpa.core.records import Example
@@ -58,18 +58,18 @@ def representations(
     model: TaskModel,
     texts: list[str],
     representation: str,
-    local: Mix | None = None,
+    route: RowRoute | None = None,
     layer: float = 1.0,
 ) -> torch.Tensor:
     """(B, H) e(x) of `texts` as weighting.representation says: the final hidden state with the
-    local adapter alone (`local` routes rows to their clients' adapters in serving; default the
-    model's `local` adapter), the final hidden state of the frozen model ('base'), or the mean
-    token embedding; the last two are the same for every client."""
+    local adapter alone (the model's `local` adapter, or each row's own from `route`), the final
+    hidden state of the frozen model ('base'), or the mean token embedding; the last two are the
+    same for every client."""
     if representation == "embedding":
         return token_embedding_means(model, texts)
     if representation == "base":
         return model.represent(texts, NO_ADAPTER, layer)
-    return model.represent(texts, LOCAL_ONLY if local is None else local, layer)
+    return model.represent(texts, LOCAL_ONLY, layer, route)
 
 
 @torch.no_grad()
@@ -95,7 +95,10 @@ def representation_bank(
 
 
 def query_representations(
-    model: TaskModel, examples: list[Example], rows: list[RowWeighting], local: Mix | None = None
+    model: TaskModel,
+    examples: list[Example],
+    rows: list[RowWeighting],
+    route: RowRoute | None = None,
 ) -> torch.Tensor | None:
     """(B_q, H) representations of the rows that need one, in row order."""
     wanted = [i for i, r in enumerate(rows) if r.needs_query]
@@ -105,9 +108,8 @@ def query_representations(
     if len(kinds) > 1:
         raise ValueError(f"one batch mixes representations {sorted(kinds)}")
     texts = [model.query_text(examples[i]) for i in wanted]
-    route = None if local is None else local.rows(torch.tensor(wanted))
     rep, layer = kinds.pop()
-    return representations(model, texts, rep, route, layer)
+    return representations(model, texts, rep, route_rows(route, torch.tensor(wanted)), layer)
 
 
 def test_mix(

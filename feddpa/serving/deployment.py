@@ -1,18 +1,21 @@
-"""Ray Serve application: an HTTP ingress (the FastAPI app) in front of the `Personalizer`
-deployment. Each replica batches requests of many clients together and holds clients' local
-adapters in the engine's LocalStack (LRU). Batches are formed by our `Batcher` when the engine
-becomes free, not by `serve.batch`, which in Ray 2.60 forms batches eagerly while one is running
-(batches of 1-3 at concurrency 8, measured). Serve's model multiplexing is not used either: in
-Ray 2.60 it splits batches by multiplexed model id, which would defeat mixed-client batches."""
+"""Ray Serve application: an HTTP ingress (the FastAPI app, built in each ingress replica) in front
+of the `Personalizer` deployment, whose engine is injected. Each replica batches requests of many
+clients together and holds clients' local adapters in the engine's LocalStack (LRU). Batches are
+formed by our `Batcher` when the engine becomes free, not by `serve.batch`, which in Ray 2.60
+forms batches eagerly while one is running (batches of 1-3 at concurrency 8, measured). Serve's
+model multiplexing is not used either: in Ray 2.60 it splits batches by multiplexed model id,
+which would defeat mixed-client batches."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import cast
 
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -40,10 +43,18 @@ class ServeOptions:
 
 
 class Personalizer:
-    def __init__(self, options: ServeOptions) -> None:
-        self.engine = ServingEngine(options.run_dir, options.capacity)
+    """A model replica: the engine `make_engine` builds (in the replica: a model is never sent
+    over Serve) behind a `Batcher`."""
+
+    def __init__(
+        self,
+        make_engine: Callable[[], ServingEngine],
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.005,
+    ) -> None:
+        self.engine = make_engine()
         self.batcher: Batcher[Request, Result] = Batcher(
-            self.engine.run_batch, options.max_batch_size, options.batch_wait_s
+            self.engine.run_batch, max_batch_size, batch_wait_s
         )
 
     async def run(self, req: Request) -> Result | Failure:
@@ -128,20 +139,18 @@ def ray_failure(err: Exception, request_id: str) -> Failure:
     return Failure(500, internal_error(request_id))
 
 
-_STATE: list[AppState] = []  # this replica's state, set by Ingress.__init__
-
-
-def replica_state() -> AppState:
-    """Resolved per request inside the ingress replica (pickled by reference, read locally)."""
-    return _STATE[0]
-
-
-@serve.ingress(build_app(replica_state))
+@serve.ingress()  # no app here: Serve asks each replica's __serve_build_asgi_app__ for it
 class Ingress:
+    """The HTTP ingress: one app per replica, over a handle to the Personalizer deployment."""
+
     def __init__(self, personalizer: DeploymentHandle, options: ServeOptions) -> None:
         tokens = TokenStore.load(options.tokens) if options.tokens else None
         backend = RayBackend(personalizer)
-        _STATE[:] = [AppState(backend, tokens, options.limits, request_id_header=False)]
+        self.state = AppState(backend, tokens, options.limits, request_id_header=False)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Called by Serve after `__init__`: this replica's app."""
+        return build_app(self.state)
 
 
 INGRESS_HEADROOM = 16  # ingress slots beyond max_queue: health, metrics and the 503s themselves
@@ -165,6 +174,11 @@ def queue_settings(options: ServeOptions) -> tuple[dict, dict]:
     return ingress, personalizer
 
 
+def engine_of(options: ServeOptions) -> Callable[[], ServingEngine]:
+    """What builds a replica's engine: the run's `ServingEngine`."""
+    return partial(ServingEngine, options.run_dir, options.capacity)
+
+
 def build_application(options: ServeOptions):
     """The bound Serve application for `serve.run`."""
     if RunDir(options.run_dir).latest() is None:
@@ -177,7 +191,7 @@ def build_application(options: ServeOptions):
             "num_gpus": options.gpus_per_replica,
         },
         **personalizer_queue,
-    )(Personalizer).bind(options)
+    )(Personalizer).bind(engine_of(options), options.max_batch_size, options.batch_wait_s)
     ingress = serve.deployment(ray_actor_options={"num_cpus": 0.1}, **ingress_queue)(Ingress)
     return ingress.bind(personalizer, options)
 

@@ -1,10 +1,10 @@
 """The serving engine: one base model + the current global adapter, and an LRU of client local
 adapters (each a slot of a `LocalStack`) with their representation banks.
 
-A batch may hold requests of many clients: `Mix.local_of_row` gives each row its client's stack
-slot and its own instance-wise weight, so the batch runs as one forward pass whose LoRA cost does
-not grow with the number of clients in it (FedDPA, arXiv 2403.19211, Eq. 6–7; the math is
-`feddpa.core`'s).
+A batch may hold requests of many clients: a `StackRoute` beside the batch's `Mix` gives each row
+its client's stack slot, the mix its own instance-wise weight, so the batch runs as one forward
+pass whose LoRA cost does not grow with the number of clients in it (FedDPA, arXiv 2403.19211,
+Eq. 6–7; the math is `feddpa.core`'s).
 
 Roll-out: at the start of every batch the engine checks the run's LATEST round; when training has
 committed a new one it swaps in the new global adapter and drops cached clients (their local
@@ -43,10 +43,10 @@ from feddpa.core.evaluation import ClientWeighting, query_representations
 from feddpa.core.models import build_task_model
 from feddpa.core.models.causal import TextSink
 from feddpa.core.records import Example
-from feddpa.core.stack import LocalStack
 from feddpa.core.storage import LATEST, Round, RunDir
 from feddpa.core.weighting import ClientBank, mix_rows, needs_bank
 from feddpa.serving.errors import TooLarge, Unavailable, UnknownClient
+from feddpa.serving.stack import LocalStack, StackRoute
 
 __all__ = ["Request", "Result", "ServingEngine", "TooLarge", "UnknownClient"]
 
@@ -279,15 +279,14 @@ class ServingEngine:
         while len(self.slots) > self.capacity:
             self._evict(next(iter(self.slots)))
 
-    def _weights(self, requests: list[Request], slots: list[ClientSlot], route: Mix) -> Mix:
+    def _weights(self, requests: list[Request], slots: list[ClientSlot], route: StackRoute) -> Mix:
         """Per-row (global, local) weights: `mix_rows`, the function evaluation calls too."""
         examples = [r.example for r in requests]
         rows = [
             s.weighting.row(self._mode(r, s), self.cfg.seed, self.model.query_text(r.example))
             for r, s in zip(requests, slots, strict=True)
         ]
-        mix = mix_rows(rows, query_representations(self.model, examples, rows, route))
-        return Mix(mix.global_w, mix.local_w, route.local_of_row, route.stack)
+        return mix_rows(rows, query_representations(self.model, examples, rows, route))
 
     def _mode(self, req: Request, slot: ClientSlot) -> WeightingConfig:
         """The request's weighting. A client without a local adapter gets the global adapter
@@ -336,16 +335,22 @@ class ServingEngine:
         with self.lock, torch.no_grad():
             self.refresh()
             slots = self.slots_for([r.client_id for r in requests])
-            route = Mix(0.0, 1.0, torch.tensor([s.index for s in slots]), self.stack)
+            route = StackRoute(self.stack, torch.tensor([s.index for s in slots]))
             try:
-                return self._run(requests, self._weights(requests, slots, route), on_text)
+                return self._run(requests, self._weights(requests, slots, route), route, on_text)
             finally:
                 self.shrink()
 
     def _count(self, text: str, special: bool) -> int:
         return len(self.model.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _run(self, requests: list[Request], mix: Mix, on_text: TextSink | None) -> list[Result]:
+    def _run(
+        self,
+        requests: list[Request],
+        mix: Mix,
+        route: StackRoute,
+        on_text: TextSink | None,
+    ) -> list[Result]:
         wg, wl = mix.as_rows(len(requests))
         results = [
             Result(r.client_id, float(wg[i]), float(wl[i]), self.version)
@@ -355,7 +360,8 @@ class ServingEngine:
         generate = [i for i, r in enumerate(requests) if r.task == "generate"]
         if predict:
             examples = [requests[i].example for i in predict]
-            probs = self.model.option_probs(examples, mix.rows(torch.tensor(predict)))
+            at = torch.tensor(predict)
+            probs = self.model.option_probs(examples, mix.rows(at), route.rows(at))
             for i, ex, p in zip(predict, examples, probs, strict=True):
                 results[i].probs = p.tolist()
                 results[i].choice = ex.options[int(p.argmax())]
@@ -369,12 +375,14 @@ class ServingEngine:
                 )
             for (tokens, beams), rows in self._decoding_groups(requests, generate).items():
                 sink = None if on_text is None else _rows_to_requests(on_text, rows)
+                at = torch.tensor(rows)
                 generated = gen_fn(
                     [requests[i].example for i in rows],
-                    mix.rows(torch.tensor(rows)),
+                    mix.rows(at),
                     max_new_tokens=tokens,
                     num_beams=beams,
                     on_text=sink,
+                    route=route.rows(at),
                 )
                 for i, g in zip(rows, generated, strict=True):
                     results[i].text = g.text

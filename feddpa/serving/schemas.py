@@ -128,6 +128,12 @@ class InvalidBody(BaseModel):
     request_id: str
 
 
+ERROR_RESPONSES: dict[int | str, dict] = {  # the OpenAPI entries of a route's error answers
+    **{code: {"model": ErrorBody} for code in (401, 403, 404, 413, 429, 503, 504)},
+    422: {"model": InvalidBody},
+}
+
+
 # --- OpenAI-compatible responses (the fields the `openai` package's types read) --------------------
 
 FinishReason = Literal["stop", "length"]  # a stop token / max_tokens reached

@@ -14,8 +14,8 @@ from feddpa.core.adapters import GLOBAL, GLOBAL_ONLY, LOCAL, Mix, adapter_state,
 from feddpa.core.config import EvalConfig, LoraSettings, ModelConfig, TrainConfig
 from feddpa.core.models import build_task_model
 from feddpa.core.records import Example, format_options
-from feddpa.core.stack import LocalStack
 from feddpa.core.training import Phase, run_phase
+from feddpa.serving.stack import LocalStack, StackRoute
 
 pytestmark = pytest.mark.gpu
 
@@ -61,11 +61,12 @@ def test_kbit_base_trains_its_adapters_and_serves_many_clients(tiny_llama_dir, b
         for k, v in adapter_state(model.peft, GLOBAL).items()
     }
     slot = stack.put(state)
-    texts = model.generate(
+    rows = model.generate_rows(
         DATA[:2],
-        Mix(torch.tensor([0.5, 1.0]), torch.tensor([0.5, 0.0]), torch.tensor([slot, -1]), stack),
+        Mix(torch.tensor([0.5, 1.0]), torch.tensor([0.5, 0.0])),
+        route=StackRoute(stack, torch.tensor([slot, -1])),
     )
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert len(rows) == 2 and all(isinstance(r.text, str) for r in rows)
 
 
 def test_per_row_clients_on_cuda_match_one_at_a_time(tiny_llama_dir):
@@ -82,7 +83,7 @@ def test_per_row_clients_on_cuda_match_one_at_a_time(tiny_llama_dir):
     slots = torch.tensor([stack.put(s) for s in states])
     wg, wl = torch.tensor([0.3, 0.8]), torch.tensor([0.7, 0.2])
     items = [Example(format_options(e.instruction, COLOURS), e.output, "c") for e in DATA[:2]]
-    both = model.option_probs(items, Mix(wg, wl, slots, stack))
+    both = model.option_probs(items, Mix(wg, wl), StackRoute(stack, slots))
     for i in range(2):
         load_adapter_state(model.peft, LOCAL, states[i])  # the stock peft path, one client
         one = model.option_probs(items[i : i + 1], Mix(float(wg[i]), float(wl[i])))

@@ -1,5 +1,6 @@
 """Import boundaries: core pulls in neither ray nor deepspeed; deepspeed lives only in actors;
-serving reads what training wrote and never calls actors or the orchestrator."""
+serving reads what training wrote and never calls actors or the orchestrator; no package's modules
+import each other in a cycle; importing the serving app builds no app."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import feddpa
 
@@ -45,7 +48,28 @@ _CHILD = subprocess.Popen(
     stderr=subprocess.PIPE,
     text=True,
 )
+# Importing every serving module (torch, fastapi, ray) costs seconds too: started here as well.
+_SERVING_CHILD = subprocess.Popen(
+    [
+        sys.executable,
+        "-c",
+        "import importlib, json, pkgutil, sys, fastapi, feddpa.serving\n"
+        "built = []\n"
+        "init = fastapi.FastAPI.__init__\n"
+        "def counted(self, *args, **kwargs):\n"
+        "    built.append(sys._getframe(1).f_globals.get('__name__'))\n"
+        "    init(self, *args, **kwargs)\n"
+        "fastapi.FastAPI.__init__ = counted\n"
+        "for m in pkgutil.iter_modules(feddpa.serving.__path__, 'feddpa.serving.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "print(json.dumps(built))\n",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+)
 atexit.register(lambda: _CHILD.poll() is None and _CHILD.kill())
+atexit.register(lambda: _SERVING_CHILD.poll() is None and _SERVING_CHILD.kill())
 
 
 def imported_modules(path: Path, root: Path = PACKAGE.parent) -> set[str]:
@@ -102,6 +126,69 @@ def test_only_actors_import_deepspeed():
 def test_serving_does_not_import_actors_or_orchestrator():
     files = sources("serving")
     assert offenders(files, ("feddpa.actors", "feddpa.orchestrator")) == []
+
+
+def test_importing_the_serving_modules_builds_no_app():
+    """The app is built by `build_app` in each Serve replica, never at import (a module-level app
+    over a module-level state before)."""
+    out, err = _SERVING_CHILD.communicate(timeout=180)
+    assert _SERVING_CHILD.returncode == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def import_cycle(under: str, package: Path = PACKAGE) -> list[str]:
+    """A cycle among the modules under `package / under` (every import counts, typing-only ones
+    too), or []."""
+    root = package.parent
+
+    def name(path: Path) -> str:
+        parts = path.relative_to(root).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    files = {name(f): f for f in sorted((package / under).rglob("*.py"))}
+    graph = {
+        m: sorted(set(imported_modules(f, root)) & files.keys() - {m}) for m, f in files.items()
+    }
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module) :] + [module]
+        if module in done:
+            return []
+        for imported in graph[module]:
+            cycle = visit(imported, [*path, module])
+            if cycle:
+                return cycle
+        done.add(module)
+        return []
+
+    return next((c for c in (visit(m, []) for m in files) if c), [])
+
+
+@pytest.mark.parametrize("under", ["serving", "core"])
+def test_no_import_cycles(under):
+    assert import_cycle(under) == []
+
+
+def test_import_cycle_finder_sees_a_typing_only_cycle(tmp_path):
+    serving = tmp_path / "feddpa" / "serving"
+    serving.mkdir(parents=True)
+    (serving / "app.py").write_text("from feddpa.serving.guard import Guard\n")
+    (serving / "guard.py").write_text("if TYPE_CHECKING:\n    from .app import AppState\n")
+    (serving / "schemas.py").write_text("import pydantic\n")
+    cycle = ["feddpa.serving.app", "feddpa.serving.guard", "feddpa.serving.app"]
+    assert import_cycle("serving", tmp_path / "feddpa") == cycle
+
+
+def test_core_adapters_know_no_stack_of_clients():
+    """The per-row stack of clients' local adapters is serving's: core's adapters reach it only
+    through the `RowRoute` hook (they imported each other before)."""
+    assert not (PACKAGE / "core" / "stack.py").exists()
+    feddpa_imports = [
+        n for n in imported_modules(PACKAGE / "core" / "adapters.py") if "feddpa" in n
+    ]
+    assert feddpa_imports == []
 
 
 def test_import_scanner_sees_relative_and_absolute_imports(tmp_path):

@@ -541,14 +541,16 @@ def test_bank_mode_without_banks_is_refused(run, client_items, tmp_path):
 def test_rows_without_local_weight_share_option_encodings_across_clients():
     """Option sequences are encoded once per (text, weights, client); a row whose local weight is
     0 computes the same for every client, so its options are shared across clients."""
+    from types import SimpleNamespace
+
     from feddpa.core.adapters import Mix
     from feddpa.core.models.mc import option_rows
 
     ex = Example(format_options("Pick one.", ["yes", "no", "maybe"]), "no", "t")
-    route = torch.tensor([0, 1])
-    alone = option_rows([ex, ex], Mix(torch.ones(2), torch.zeros(2), route))
+    route = SimpleNamespace(index=torch.tensor([0, 1]))  # option_rows reads the rows' adapters
+    alone = option_rows([ex, ex], Mix(torch.ones(2), torch.zeros(2)), route)
     assert alone.texts == ["yes", "no", "maybe"] and alone.index == [[0, 1, 2], [0, 1, 2]]
-    mixed = option_rows([ex, ex], Mix(torch.full((2,), 0.5), torch.full((2,), 0.5), route))
+    mixed = option_rows([ex, ex], Mix(torch.full((2,), 0.5), torch.full((2,), 0.5)), route)
     assert len(mixed.texts) == 6  # the local adapters differ: one encoding per client
 
 
@@ -638,15 +640,12 @@ def test_the_personalizer_streams_and_the_ray_backend_relays(causal):
     Failure is raised as itself and a failing call becomes a plain error."""
     import asyncio
 
-    from feddpa.serving.batcher import Batcher
     from feddpa.serving.deployment import Personalizer, RayBackend
     from feddpa.serving.engine import Result
     from feddpa.serving.errors import Failure, ServingError
 
     engine, _ = causal
-    replica = Personalizer.__new__(Personalizer)  # the replica's state without a Serve actor
-    replica.engine = engine
-    replica.batcher = Batcher(engine.run_batch, 4, 0.0)
+    replica = Personalizer(lambda: engine, max_batch_size=4, batch_wait_s=0.0)  # no Serve actor
     req = Request(0, Example(PROMPTS[0], "", "r"), "generate", None, 4, request_id="r1")
 
     async def drain(items) -> list:

@@ -50,7 +50,7 @@ def make_client(
     engine: ServingEngine, tokens: TokenStore | None = None, limits: Limits | None = None
 ) -> TestClient:
     state = AppState(LocalBackend(engine), tokens, limits or Limits())
-    return TestClient(build_app(lambda: state))
+    return TestClient(build_app(state))
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +308,7 @@ def test_bad_limits_are_refused_naming_the_field():
 def test_full_queue_is_503_with_retry_after(engine):
     state = AppState(LocalBackend(engine), None, Limits(max_queue=2, retry_after_s=7))
     state.inflight = 2  # two requests already in flight
-    with TestClient(build_app(lambda: state)) as c:
+    with TestClient(build_app(state)) as c:
         r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
         assert r.status_code == 503 and r.headers["retry-after"] == "7"
         assert c.get("/healthz").status_code == 200  # health does not queue
@@ -335,7 +335,7 @@ RAY_TRACE = "\x1b[36mray::ServeReplica:feddpa:Personalizer.run()\x1b[39m (pid=42
 
 def test_unexpected_errors_are_500_with_a_request_id_and_no_internals(caplog):
     state = AppState(_Raising(RuntimeError(RAY_TRACE)))
-    with TestClient(build_app(lambda: state), raise_server_exceptions=False) as c:
+    with TestClient(build_app(state), raise_server_exceptions=False) as c:
         r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
     assert r.status_code == 500, r.text
     body = r.json()
@@ -359,7 +359,7 @@ def test_failures_from_the_deployment_map_to_the_documented_error(engine):
         (Failure(503, "round vanished", retry=True), 503),
     ):
         state = AppState(_Raising(ServingError(failure)), limits=Limits(retry_after_s=9))
-        with TestClient(build_app(lambda state=state: state)) as c:
+        with TestClient(build_app(state)) as c:
             r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
         assert r.status_code == status
         assert r.json() == {"detail": failure.message, "request_id": r.headers["x-request-id"]}
@@ -424,7 +424,7 @@ def test_a_full_replica_queue_on_the_client_list_call_is_503_with_retry_after():
             return call()
 
     state = AppState(RayBackend(Handle()))  # type: ignore[arg-type]
-    with TestClient(build_app(lambda: state)) as c:
+    with TestClient(build_app(state)) as c:
         r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert "queues are full" in r.json()["detail"] and r.json()["request_id"]
@@ -438,8 +438,7 @@ def test_the_personalizer_returns_failures_instead_of_raising(engine):
     from feddpa.serving.deployment import Personalizer
     from feddpa.serving.errors import Failure
 
-    replica = Personalizer.__new__(Personalizer)  # the replica's state without a Serve actor
-    replica.engine = engine
+    replica = Personalizer(lambda: engine)  # the replica's state without a Serve actor
 
     class Broken:
         async def submit(self, req):
@@ -482,7 +481,7 @@ class _Stuck(_Raising):
 def test_one_clients_share_of_the_queue_is_capped_with_429(engine):
     state = AppState(LocalBackend(engine), None, Limits(max_client_inflight=2, retry_after_s=4))
     state.client_inflight[1] = 2  # client 1 already has two requests in flight
-    with TestClient(build_app(lambda: state)) as c:
+    with TestClient(build_app(state)) as c:
         r = c.post("/v1/clients/1/predict", json={"instruction": PROMPT})
         assert r.status_code == 429 and r.headers["retry-after"] == "4"
         assert r.json()["detail"].startswith("client 1 has 2 requests in flight")
@@ -493,7 +492,7 @@ def test_one_clients_share_of_the_queue_is_capped_with_429(engine):
 def test_a_request_past_the_timeout_is_504_with_retry_after():
     backend = _Stuck()
     state = AppState(backend, limits=Limits(request_timeout_s=0.05, retry_after_s=3))
-    with TestClient(build_app(lambda: state)) as c:
+    with TestClient(build_app(state)) as c:
         r = c.post("/v1/clients/0/predict", json={"instruction": PROMPT})
     assert r.status_code == 504 and r.headers["retry-after"] == "3"
     assert "no answer within 0.05 s" in r.json()["detail"]
@@ -522,7 +521,7 @@ def test_healthz_reports_degraded_with_the_reason():
             return {**info, "problem": "round_00002 could not be loaded (bad); serving round_00001"}
 
     state = AppState(Degraded(RuntimeError("unused")))
-    with TestClient(build_app(lambda: state)) as c:
+    with TestClient(build_app(state)) as c:
         r = c.get("/healthz")
     assert r.status_code == 200  # the previous round is still served
     assert r.json() == {
@@ -636,6 +635,24 @@ def test_client_tokens_open_their_own_client_only(secured, token_file):
     for cid in (0, 3):
         r = secured.post(url.format(cid), json=body, headers=bearer(plain["admin"]))
         assert r.status_code == 200
+
+
+def test_a_token_is_checked_once_per_request(engine, token_file, monkeypatch):
+    """The authentication layer checks the token; the routes read what it found (they checked it
+    again before)."""
+    path, plain = token_file
+    seen: list[str] = []
+    client_of = TokenStore.client_of
+    monkeypatch.setattr(TokenStore, "client_of", lambda st, t: seen.append(t) or client_of(st, t))
+    with make_client(engine, TokenStore.load(path)) as c:
+        r = c.post(
+            "/v1/clients/1/predict",
+            json={"instruction": PROMPT},
+            headers=bearer(plain["clients"]["1"]),
+        )
+        assert r.status_code == 200, r.text
+        assert c.get("/v1/models", headers=bearer(plain["clients"]["1"])).status_code == 200
+    assert seen == [plain["clients"]["1"]] * 2
 
 
 def test_client_list_is_scoped_by_token(secured, token_file):
@@ -816,7 +833,7 @@ def test_an_error_mid_stream_is_an_error_event_the_openai_client_raises():
 
     failure = Failure(503, "a model replica is restarting", retry=True)
     state = AppState(_BreaksMidStream(ServingError(failure)))
-    with TestClient(build_app(lambda: state)) as c:
+    with TestClient(build_app(state)) as c:
         r = c.post("/v1/completions", json={"model": "0", "prompt": "Hi", "stream": True})
         assert r.status_code == 200
         events = r.text.split("\n\n")
@@ -860,7 +877,7 @@ def test_openai_client_streams_from_a_real_server(causal):
     prompt = "Tell me about the weather"
     want = generated(causal, 1, prompt, 5)
     state = AppState(LocalBackend(causal))
-    with uvicorn_server(build_app(lambda: state)) as url:
+    with uvicorn_server(build_app(state)) as url:
         oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         parts = list(
             oa.completions.create(model="client-1", prompt=prompt, max_tokens=5, stream=True)
@@ -954,7 +971,7 @@ def test_openai_routes_answer_the_openai_packages_types(client, causal):
 
 
 # The OpenAPI document does not depend on the state, so the app is built at import (schemathesis
-# parametrizes at collection) and its state is filled in by a fixture. (schemathesis 4.32's lazy
+# parametrizes at collection) and a fixture gives its state a backend. (schemathesis 4.32's lazy
 # `from_fixture` schemas do not run under pytest 9: they touch `Node._nodeid`, which is gone.)
 class _NotServing:
     async def run(self, req: Request):
@@ -964,8 +981,8 @@ class _NotServing:
         raise RuntimeError("the schema_state fixture is not active")
 
 
-_SCHEMA_STATE: list[AppState] = [AppState(_NotServing())]  # loading /openapi.json needs metrics
-schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(lambda: _SCHEMA_STATE[0]))
+_SCHEMA_STATE = AppState(_NotServing())
+schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(_SCHEMA_STATE))
 
 
 @pytest.fixture(scope="module", params=["multiple_choice", "causal_lm"])
@@ -974,10 +991,10 @@ def schema_state(request, tmp_path_factory, tiny_llama_dir) -> Iterator[None]:
         served = causal_engine(tmp_path_factory, tiny_llama_dir)
     else:
         served = mc_engine(tmp_path_factory)
-    unset = _SCHEMA_STATE[:]
-    _SCHEMA_STATE[:] = [AppState(LocalBackend(served), None, Limits())]
+    unset = _SCHEMA_STATE.backend
+    _SCHEMA_STATE.backend = LocalBackend(served)
     yield
-    _SCHEMA_STATE[:] = unset
+    _SCHEMA_STATE.backend = unset
 
 
 @schema.parametrize()

@@ -14,7 +14,7 @@ from feddpa.core.adapters import (
     load_adapter_state,
     mixed,
 )
-from feddpa.core.stack import LocalStack
+from feddpa.serving.stack import LocalStack, StackRoute
 
 
 def client_state(model, seed: int) -> dict[str, torch.Tensor]:
@@ -44,7 +44,7 @@ def test_per_row_clients_equal_per_client_peft_runs(served):
     wg = torch.tensor([0.3, 0.9, 0.5, 0.1, 1.0])
     wl = torch.tensor([0.7, 0.1, 0.5, 0.9, 0.0])
     row_slots = torch.tensor([slots[o] if o >= 0 else -1 for o in owner.tolist()])
-    with torch.no_grad(), mixed(served, Mix(wg, wl, row_slots, stack)):
+    with torch.no_grad(), mixed(served, Mix(wg, wl), StackRoute(stack, row_slots)):
         batched = out(served, ids)
     for i, o in enumerate(owner.tolist()):
         load_adapter_state(served, LOCAL, states[o] if o >= 0 else states[0])
@@ -57,7 +57,10 @@ def test_stack_path_ignores_the_peft_local_adapter(served):
     stack = LocalStack(served)
     slot = stack.put(client_state(served, 21))
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad(), mixed(served, Mix(1.0, 0.0, torch.tensor([slot, slot]), stack)):
+    with (
+        torch.no_grad(),
+        mixed(served, Mix(1.0, 0.0), StackRoute(stack, torch.tensor([slot, slot]))),
+    ):
         got = out(served, ids)
     with torch.no_grad(), mixed(served, Mix(1.0, 0.0)):
         expected = out(served, ids)
@@ -83,11 +86,3 @@ def test_put_rejects_a_state_of_another_model(served):
     with pytest.raises(KeyError, match="shape"):
         stack.put({**state, key: torch.zeros(3, 3)}, owner="client_7")
     assert len(stack.free) == stack.capacity  # nothing was taken
-
-
-def test_local_of_row_without_stack_is_rejected(served):
-    with (
-        pytest.raises(ValueError, match="go together"),
-        mixed(served, Mix(1.0, 0.0, torch.tensor([0]))),
-    ):
-        pass

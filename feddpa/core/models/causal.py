@@ -17,7 +17,14 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
-from feddpa.core.adapters import LOCAL_ONLY, Mix, attach_dual_adapters, mixed
+from feddpa.core.adapters import (
+    LOCAL_ONLY,
+    Mix,
+    RowRoute,
+    attach_dual_adapters,
+    mixed,
+    route_rows,
+)
 from feddpa.core.config import EvalConfig, LoraSettings, ModelConfig
 from feddpa.core.models.loading import load_base, lora_config, resolve_model_path
 from feddpa.core.records import Example
@@ -156,12 +163,16 @@ class CausalLMModel:
 
     @torch.no_grad()
     def represent(
-        self, texts: list[str], local: Mix = LOCAL_ONLY, layer: float = 1.0
+        self,
+        texts: list[str],
+        local: Mix = LOCAL_ONLY,
+        layer: float = 1.0,
+        route: RowRoute | None = None,
     ) -> torch.Tensor:
         """(B, H) e(x): the last prompt token's hidden state after `layer` of the layers, with the
-        local adapter alone (`local` routes rows to local adapters, or is no adapter at all)."""
+        local adapter alone (`route`: each row's own; `local` may be no adapter at all)."""
         batch = self._prompt_batch(texts)
-        with mixed(self.peft, local):  # the LM head on the last position only: logits unused
+        with mixed(self.peft, local, route):  # the LM head on the last position only: logits unused
             out = self.peft(**batch, output_hidden_states=True, logits_to_keep=1)
         states = out.hidden_states  # L + 1: the embeddings, then each layer's output
         # left padding: the last position is every row's last prompt token
@@ -186,16 +197,18 @@ class CausalLMModel:
         max_new_tokens: int | None = None,
         num_beams: int | None = None,
         on_text: TextSink | None = None,
+        route: RowRoute | None = None,
     ) -> list[Generated]:
         """`generate` with token counts and why each row stopped. `on_text(row, delta)` receives
         each row's text as it is decoded: token by token during greedy decoding (transformers'
         streamer interface), or after beam search (which cannot stream) token by token from the
-        finished sequences. The deltas of a row join up to its `text`."""
+        finished sequences. The deltas of a row join up to its `text`. `route`: per-row local
+        adapters."""
         batch = self._prompt_batch([prompt_for(e.instruction) for e in examples])
         beams = num_beams or self.eval_cfg.num_beams
         stops = self._stop_ids()
         parts = None if on_text is None else RowText(self.tokenizer, stops, on_text)
-        with mixed(self.peft, mix.rows(repeat=beams)):
+        with mixed(self.peft, mix.rows(repeat=beams), route_rows(route, repeat=beams)):
             out = self.peft.generate(
                 **batch,
                 num_beams=beams,
@@ -227,7 +240,9 @@ class CausalLMModel:
         return frozenset(i for i in [*ids, self.tokenizer.eos_token_id] if i is not None)
 
     @torch.no_grad()
-    def option_loglik(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
+    def option_loglik(
+        self, examples: list[Example], mix: Mix, route: RowRoute | None = None
+    ) -> list[torch.Tensor]:
         """Per example: mean log-likelihood of each option's tokens given the prompt.
 
         Memory is bounded per pass: option sequences go `option_rows` at a time, and logits are
@@ -238,7 +253,10 @@ class CausalLMModel:
         per_seq = torch.cat(
             [
                 self._answer_logp(
-                    seqs[k : k + step], labels[k : k + step], mix.rows(owner_t[k : k + step])
+                    seqs[k : k + step],
+                    labels[k : k + step],
+                    mix.rows(owner_t[k : k + step]),
+                    route_rows(route, owner_t[k : k + step]),
                 )
                 for k in range(0, len(seqs), step)
             ]
@@ -260,7 +278,11 @@ class CausalLMModel:
         return seqs, labels, owners
 
     def _answer_logp(
-        self, seqs: list[list[int]], labels: list[list[int]], mix: Mix
+        self,
+        seqs: list[list[int]],
+        labels: list[list[int]],
+        mix: Mix,
+        route: RowRoute | None = None,
     ) -> torch.Tensor:
         """(R,) mean log-probability of each sequence's answer tokens (labels != IGNORE).
 
@@ -272,7 +294,7 @@ class CausalLMModel:
         mask = batch["attention_mask"]
         answer_len = int((batch["labels"][:, 1:] != IGNORE).sum(1).max())
         keep = min(answer_len + 1, mask.shape[1])
-        with mixed(self.peft, mix):
+        with mixed(self.peft, mix, route):
             logits = self.peft(
                 input_ids=batch["input_ids"],
                 attention_mask=mask,
@@ -288,9 +310,11 @@ class CausalLMModel:
         )
         return (sums / valid.sum(1).clamp(min=1)).cpu()
 
-    def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
+    def option_probs(
+        self, examples: list[Example], mix: Mix, route: RowRoute | None = None
+    ) -> list[torch.Tensor]:
         """Per example: softmax over its options' mean log-likelihoods."""
-        return [ll.softmax(0) for ll in self.option_loglik(examples, mix)]
+        return [ll.softmax(0) for ll in self.option_loglik(examples, mix, route)]
 
     def score(self, examples: list[Example], mix: Mix) -> tuple[list[float], list[str]]:
         scores: list[float] = [0.0] * len(examples)

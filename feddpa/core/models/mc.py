@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from feddpa.core.adapters import LOCAL_ONLY, Mix, attach_dual_adapters, mixed
+from feddpa.core.adapters import (
+    LOCAL_ONLY,
+    Mix,
+    RowRoute,
+    attach_dual_adapters,
+    mixed,
+    route_rows,
+)
 from feddpa.core.config import LoraSettings, ModelConfig
 from feddpa.core.models.loading import load_base, lora_config, resolve_model_path
 from feddpa.core.records import Example
@@ -31,9 +38,9 @@ class OptionRows:
     targets: torch.Tensor  # (B,) position of the answer among the example's options
 
 
-def option_rows(examples: list[Example], mix: Mix) -> OptionRows:
+def option_rows(examples: list[Example], mix: Mix, route: RowRoute | None = None) -> OptionRows:
     wg, wl = mix.as_rows(len(examples))
-    route = mix.local_of_row if mix.local_of_row is not None else torch.zeros(len(examples))
+    local = route.index if route is not None else torch.zeros(len(examples))
     seen: dict[tuple[str, float, float, int], int] = {}
     texts: list[str] = []
     owners: list[int] = []
@@ -47,8 +54,8 @@ def option_rows(examples: list[Example], mix: Mix) -> OptionRows:
             )
         ids = []
         for opt in options:
-            # a row without local weight computes the same for every client: shared across them
-            key = (opt, float(wg[i]), float(wl[i]), int(route[i]) if float(wl[i]) else -1)
+            # a row without local weight computes the same whatever its local adapter: shared
+            key = (opt, float(wg[i]), float(wl[i]), int(local[i]) if float(wl[i]) else -1)
             if key not in seen:
                 seen[key] = len(texts)
                 texts.append(opt)
@@ -85,24 +92,29 @@ class MultipleChoiceModel:
         own-vs-other AUC 0.993 vs 0.975 on dataset 1, 0.982 vs 0.976 on shared_input)."""
         return example.instruction
 
-    def encode(self, texts: list[str], mix: Mix, layer: float = 1.0) -> torch.Tensor:
+    def encode(
+        self, texts: list[str], mix: Mix, layer: float = 1.0, route: RowRoute | None = None
+    ) -> torch.Tensor:
         """(N, H) mean-pooled hidden states after `layer` of the layers (1: the final ones) under
-        `mix` (per-row weights allowed)."""
+        `mix` (per-row weights allowed; `route`: per-row local adapters)."""
         batch = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
-        with mixed(self.peft, mix):
+        with mixed(self.peft, mix, route):
             out = self.peft(**batch, output_hidden_states=layer < 1)
         states = out.hidden_states
         hidden = out.last_hidden_state if layer == 1 else states[round(layer * (len(states) - 1))]
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def logits(self, examples: list[Example], mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(
+        self, examples: list[Example], mix: Mix, route: RowRoute | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, max_options) logits (-inf padding) and (B,) answer positions."""
-        rows = option_rows(examples, mix)
-        stems = F.normalize(self.encode([e.stem for e in examples], mix).float(), dim=-1)
-        opts = F.normalize(self.encode(rows.texts, mix.rows(rows.owners)).float(), dim=-1)
+        rows = option_rows(examples, mix, route)
+        stems = self.encode([e.stem for e in examples], mix, route=route)
+        opts = self.encode(rows.texts, mix.rows(rows.owners), route=route_rows(route, rows.owners))
+        stems, opts = F.normalize(stems.float(), dim=-1), F.normalize(opts.float(), dim=-1)
         width = max(len(ids) for ids in rows.index)
         out = torch.full((len(examples), width), float("-inf"), device=stems.device)
         for i, ids in enumerate(rows.index):
@@ -118,15 +130,21 @@ class MultipleChoiceModel:
 
     @torch.no_grad()
     def represent(
-        self, texts: list[str], local: Mix = LOCAL_ONLY, layer: float = 1.0
+        self,
+        texts: list[str],
+        local: Mix = LOCAL_ONLY,
+        layer: float = 1.0,
+        route: RowRoute | None = None,
     ) -> torch.Tensor:
-        """(B, H) e(x) with the local adapter alone (`local` routes rows to local adapters)."""
-        return self.encode(texts, local, layer).float().cpu()
+        """(B, H) e(x) with the local adapter alone (`route`: each row's own)."""
+        return self.encode(texts, local, layer, route).float().cpu()
 
     @torch.no_grad()
-    def option_probs(self, examples: list[Example], mix: Mix) -> list[torch.Tensor]:
+    def option_probs(
+        self, examples: list[Example], mix: Mix, route: RowRoute | None = None
+    ) -> list[torch.Tensor]:
         """Per example: softmax over its options."""
-        logits, _ = self.logits(examples, mix)
+        logits, _ = self.logits(examples, mix, route)
         return [
             row[: len(ex.options)].softmax(0).cpu()
             for row, ex in zip(logits, examples, strict=True)

@@ -1,4 +1,4 @@
-"""Many clients' local adapters in one forward pass (serving; FedDPA arXiv 2403.19211, Eq. 6).
+"""Many clients' local adapters in one forward pass (FedDPA arXiv 2403.19211, Eq. 6).
 
 A batch holding requests of many clients needs, in every adapted layer,
 
@@ -11,19 +11,21 @@ in plain torch). The cost is one LoRA branch whatever the number of clients in t
 one-adapter-per-client alternative runs every resident client's branch over every row.
 
 A client's slot is filled from its adapter in stock PEFT key format (the run directory's files);
-the stack grows by doubling when all slots are taken.
+the stack grows by doubling when all slots are taken. A batch's `StackRoute` (each row's slot) is
+passed beside its `Mix`: core's `RowRoute` hook, which `mixed` applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from feddpa.core.adapters import GLOBAL, AdapterState, lora_layers
+from feddpa.core.adapters import GLOBAL, AdapterState, lora_layers, select_rows
 
 
 class LocalStack:
@@ -112,3 +114,17 @@ def _local_term(a_t: torch.Tensor, b: torch.Tensor, coef: torch.Tensor):
         return output + term.view(output.shape).to(output.dtype)
 
     return hook
+
+
+@dataclass(frozen=True)
+class StackRoute:
+    """Each row's slot in `stack` (-1: the row's client has no local adapter): a `RowRoute`."""
+
+    stack: LocalStack
+    index: torch.Tensor  # (B,) int
+
+    def rows(self, index: torch.Tensor | None = None, repeat: int = 1) -> StackRoute:
+        return StackRoute(self.stack, select_rows(self.index, index, repeat))
+
+    def applied(self, weight: torch.Tensor) -> AbstractContextManager[None]:
+        return self.stack.applied(self.index, weight)
