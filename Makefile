@@ -43,6 +43,7 @@ run-llm: setup
 lint: setup
 	$(BIN)/ruff check feddpa tests benchmarks scripts
 	$(BIN)/ruff format --check feddpa tests benchmarks scripts
+	$(BIN)/lint-imports --no-cache
 
 typecheck: setup
 	$(BIN)/mypy feddpa

@@ -1,0 +1,1 @@
+"""The framework-free core: adapters, weighting, aggregation, models, storage (no Ray)."""

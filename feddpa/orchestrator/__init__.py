@@ -1,0 +1,1 @@
+"""The round loop, executors (in-process and Ray), the driver, reports."""
