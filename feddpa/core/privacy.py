@@ -271,5 +271,12 @@ class Privacy:
         """The record of a step without uploads (FedDPA-F's fine-tuning): nothing spent."""
         record: dict = {"uploads": 0, "secure_aggregation": self.secure}
         if self.dp.enabled:
-            record.update(epsilon=self.accountant.epsilon, delta=self.dp.delta)
+            record.update(
+                epsilon=self.accountant.epsilon,
+                delta=self.dp.delta,
+                noise_multiplier=self.accountant.noise_multiplier,
+                noise=self.dp.noise,
+                clip=self.clip,
+                rounds_accounted=self.accountant.rounds,
+            )
         return record
