@@ -262,9 +262,10 @@ class Privacy:
             noise=self.dp.noise,
             clip=clip,
             next_clip=self.clip,
-            unclipped_fraction=fraction,
             rounds_accounted=self.accountant.rounds,
         )
+        if self.dp.adaptive:  # noised; without adaptive clipping the exact count is not released
+            record["unclipped_fraction"] = fraction
         return payload / denom, record
 
     def untouched(self) -> dict:

@@ -29,7 +29,7 @@ def run_summary(run_dir: Path) -> Summary:
     if not evals:
         raise ValueError(f"{run.metrics_file}: no evaluated round yet")
     curve = [[r["round"], r["eval"]["avg"]["P"], r["eval"]["avg"]["TTP"]] for r in evals]
-    privacy = next((r["privacy"] for r in reversed(records) if r.get("privacy")), {})
+    privacy: dict = next((r["privacy"] for r in reversed(records) if r.get("privacy")), {})
     return {"final": evals[-1]["eval"], "curve": curve, "records": evals, "privacy": privacy}
 
 
