@@ -224,20 +224,25 @@ class ClientHost:
 
     def advertise(self, cid: int, step: int, attempt: int) -> bytes:
         """Client `cid`'s public key for masking attempt `attempt` of round `step` (a fresh key
-        pair; the secret key stays here)."""
+        pair; the secret key stays here). A restart (attempt > 0) takes only clients that still
+        hold their update of the round: one whose host restarted since has none and says so."""
+        if attempt > 0:
+            self._held(cid, step)
         key = secagg.new_key()
         self.keys[cid] = ((step, attempt), key)
         return secagg.public_bytes(key)
+
+    def _held(self, cid: int, step: int) -> Held:
+        held = self.held.get(cid)
+        if held is None or held.step != step:
+            raise RuntimeError(f"client {cid}: no update of round {step} held (host restarted)")
+        return held
 
     def seal(self, cid: int, task: ClientTask) -> np.ndarray:
         """Client `cid`'s held update of round `task.step`, noised up to the task's std and
         sealed (masked with the attempt's keys). A host that lost the update or the key (it
         restarted) raises: the client drops out of the attempt instead of breaking the sum."""
-        held = self.held.get(cid)
-        if held is None or held.step != task.step:
-            raise RuntimeError(
-                f"client {cid}: no update of round {task.step} held (host restarted)"
-            )
+        held = self._held(cid, task.step)
         key = None
         if task.public_keys is not None:
             have = self.keys.get(cid)
