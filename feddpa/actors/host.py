@@ -3,7 +3,9 @@ it owns (data shard, local adapter, representation bank). Plain Python: the in-p
 it directly and the Ray client actor wraps it, so both paths run the same code.
 
 Only global-adapter tensors leave a host (`FitResult.global_state`); local adapters and banks are
-written by the host itself into the round's staging directory.
+written by the host itself into the round's staging directory. Under `privacy` the global adapter
+leaves only as the client's privatized, sealed update (`FitResult.sealed`: clipped and noised as
+DP asks, masked under secure aggregation; feddpa.core.privacy), made here, on the client's side.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from feddpa.actors.engine import build_engine, write_deepspeed_config
-from feddpa.core import algorithms
+from feddpa.core import algorithms, secagg
 from feddpa.core.adapters import GLOBAL, LOCAL, AdapterState
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import (
@@ -29,6 +32,7 @@ from feddpa.core.evaluation import (
 from feddpa.core.fedavg import FlatState
 from feddpa.core.models import TaskModel, build_task_model
 from feddpa.core.models.loading import lora_config
+from feddpa.core.privacy import ClientTask, Held, privatize, seal, top_up
 from feddpa.core.records import Example
 from feddpa.core.storage import ClientFiles, Round, RunDir, Stage
 from feddpa.core.training import run_phase
@@ -54,6 +58,8 @@ class FitResult:
     global_state: AdapterState | FlatState | None  # FlatState when it came over the wire
     losses: dict[str, tuple[float, ...]] = field(default_factory=dict)
     compute_s: float = 0.0
+    sealed: np.ndarray | None = None  # privacy: the (masked) fixed-point upload, (P + 3,) uint64
+    nonfinite: bool = False  # privacy: the update held NaN/inf and was not uploaded
 
 
 class ClientHost:
@@ -82,6 +88,10 @@ class ClientHost:
         self.clients: dict[int, ClientState] = {}
         self._test: list[Example] | None = None
         self._shared_reps: dict[str, torch.Tensor] = {}  # client-independent e(x) of the test set
+        # privacy: each client's privatized update of its latest round, and its secure-aggregation
+        # key of the current masking attempt ((step, attempt), key); memory, never written
+        self.held: dict[int, Held] = {}
+        self.keys: dict[int, tuple[tuple[int, int], secagg.X25519PrivateKey]] = {}
         for cid in client_ids:
             self.clients[cid] = ClientState(*self._read_data(cid))
 
@@ -153,9 +163,15 @@ class ClientHost:
         self.engine.load_adapter_state(LOCAL, self._local(cid))
 
     def fit(
-        self, cid: int, step: int, global_state: AdapterState, stage: Stage | None
+        self,
+        cid: int,
+        step: int,
+        global_state: AdapterState,
+        stage: Stage | None,
+        task: ClientTask | None = None,
     ) -> FitResult:
-        """Run the method's phases of `step` for client `cid`; stage its changed local files."""
+        """Run the method's phases of `step` for client `cid`; stage its changed local files.
+        With a privacy `task`, the global adapter leaves only privatized and sealed."""
         start = time.perf_counter()
         state = self._current(cid)
         finetune = self.method.finetunes(step)
@@ -189,7 +205,60 @@ class ClientHost:
                 state.bank = self._bank(cid, self.weighting)
             if stage is not None:
                 self.write_client(cid, stage)
-        return FitResult(cid, len(state.data), upload, losses, time.perf_counter() - start)
+        fitted = FitResult(cid, len(state.data), upload, losses, time.perf_counter() - start)
+        if task is None or upload is None:
+            return fitted
+        held = privatize(upload, global_state, len(state.data), task)
+        if held is None:
+            log.error("round %d client %d: NaN/inf update, not uploaded", step, cid)
+            return replace(fitted, global_state=None, nonfinite=True)
+        for old in [c for c, h in self.held.items() if h.step < step]:
+            del self.held[old]  # earlier rounds are summed and committed
+        self.held[cid] = held
+        sealed = self.seal(cid, task)
+        return replace(
+            fitted, global_state=None, sealed=sealed, compute_s=time.perf_counter() - start
+        )
+
+    # --- privacy: secure-aggregation keys and sealing (feddpa.core.privacy) --------------------
+
+    def advertise(self, cid: int, step: int, attempt: int) -> bytes:
+        """Client `cid`'s public key for masking attempt `attempt` of round `step` (a fresh key
+        pair; the secret key stays here). A restart (attempt > 0) takes only clients that still
+        hold their update of the round: one whose host restarted since has none and says so."""
+        if attempt > 0:
+            self._held(cid, step)
+        key = secagg.new_key()
+        self.keys[cid] = ((step, attempt), key)
+        return secagg.public_bytes(key)
+
+    def _held(self, cid: int, step: int) -> Held:
+        held = self.held.get(cid)
+        if held is None or held.step != step:
+            raise RuntimeError(f"client {cid}: no update of round {step} held (host restarted)")
+        return held
+
+    def seal(self, cid: int, task: ClientTask) -> np.ndarray:
+        """Client `cid`'s held update of round `task.step`, noised up to the task's std and
+        sealed (masked with the attempt's keys). A host that lost the update or the key (it
+        restarted) raises: the client drops out of the attempt instead of breaking the sum."""
+        held = self._held(cid, task.step)
+        key = None
+        if task.public_keys is not None:
+            have = self.keys.get(cid)
+            if have is None or have[0] != (task.step, task.attempt):
+                raise RuntimeError(
+                    f"client {cid}: no key of round {task.step} attempt {task.attempt} (host restarted)"
+                )
+            key = have[1]
+            if task.public_keys.get(cid) != secagg.public_bytes(key):
+                raise RuntimeError(f"client {cid}: the round's key list does not hold its key")
+        seed = algorithms.derive_seed(
+            self.cfg.seed, "dp-client-noise", task.step, cid, task.attempt
+        )
+        held = top_up(held, task, np.random.default_rng(seed))
+        self.held[cid] = held
+        return seal(held, cid, task, key)
 
     def write_client(self, cid: int, stage: Stage) -> None:
         """Stage the client's local adapter and bank together (one rename: all or nothing)."""

@@ -18,6 +18,7 @@ from feddpa.core.adapters import AdapterState
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import ItemScores
 from feddpa.core.fedavg import FlatState, Layout
+from feddpa.core.privacy import ClientTask
 from feddpa.core.storage import RunDir, Stage
 
 
@@ -54,11 +55,20 @@ class ClientActor:
     def discard(self, cid: int) -> None:
         self.host.discard(cid)
 
-    def fit(self, cid: int, step: int, global_state: Wire, stage: Stage) -> FitResult:
-        result = self.host.fit(cid, step, from_wire(global_state).state(), stage)
+    def fit(
+        self, cid: int, step: int, global_state: Wire, stage: Stage, task: ClientTask | None = None
+    ) -> FitResult:
+        """Under privacy the result carries only the sealed upload (a numpy uint64 vector)."""
+        result = self.host.fit(cid, step, from_wire(global_state).state(), stage, task)
         if result.global_state is None:
             return result
         return dataclasses.replace(result, global_state=to_wire(result.global_state))  # type: ignore[arg-type]
+
+    def advertise(self, cid: int, step: int, attempt: int) -> tuple[int, bytes]:
+        return cid, self.host.advertise(cid, step, attempt)
+
+    def seal(self, cid: int, task: ClientTask) -> tuple[int, np.ndarray]:
+        return cid, self.host.seal(cid, task)
 
     def evaluate(
         self,

@@ -95,6 +95,12 @@ class FederationConfig(_Frozen):
     rounds: int = Field(3, ge=1)
     fraction_fit: float = Field(1.0, gt=0, le=1)
     min_fit_clients: int = Field(1, ge=1)
+    sampling: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="fixed: ceil(fraction_fit · N) clients drawn without replacement each round; "
+        "poisson: each client independently with probability fraction_fit (privacy.dp accounts "
+        "for whichever is configured)",
+    )
 
 
 class TrainConfig(_Frozen):
@@ -217,6 +223,78 @@ class EngineConfig(_Frozen):
         return self
 
 
+class DPConfig(_Frozen):
+    """Client-level DP on the global adapter (DP-FedAvg, McMahan et al. 2018; feddpa.core.dp)."""
+
+    enabled: bool = False
+    clip: float = Field(
+        0.1,
+        gt=0,
+        description="L2 bound C on a client's global-adapter update (initial C if adaptive)",
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="z: Gaussian noise of std z·C on the sum of the round's clipped updates; "
+        "null = calibrated so that federation.rounds rounds spend target_epsilon",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="the budget: with noise_multiplier null, z is calibrated to spend it over "
+        "federation.rounds; with both set, the run stops after the last round within it",
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) reported")
+    noise: Literal["server", "client"] = Field(
+        "server",
+        description="server: the trusted driver adds N(0, z²C²) to the sum; client: each of the "
+        "m participants adds N(0, z²C²/m) before masking (needs secure_aggregation)",
+    )
+    adaptive: bool = Field(False, description="adaptive clipping (Andrew et al. 2021)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: γ, unclipped share")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: η_C of C ← C·exp(−η_C(b̄ − γ))")
+    count_stddev: float | None = Field(
+        None, gt=0, description="adaptive: σ_b, noise on the unclipped count; null = m/20"
+    )
+
+    @model_validator(mode="after")
+    def _noise(self) -> DPConfig:
+        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                "privacy.dp needs noise_multiplier or target_epsilon (or both: the run then "
+                "stops at the target)"
+            )
+        return self
+
+
+class SecureAggregationConfig(_Frozen):
+    """Pairwise additive masks that cancel in the sum (feddpa.core.secagg)."""
+
+    enabled: bool = False
+    fractional_bits: int = Field(
+        24, ge=8, le=40, description="fixed point: values rounded to multiples of 2^-bits"
+    )
+    neighbors: int | None = Field(
+        None,
+        ge=2,
+        description="SecAgg+ style: each client masks with this many ring neighbours (O(m·k) "
+        "masks instead of O(m²)); null = every pair. Privacy holds against fewer than k "
+        "colluding neighbours",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="masking attempts per round: a client lost after masking restarts it"
+    )
+
+
+class PrivacyConfig(_Frozen):
+    dp: DPConfig = Field(default_factory=DPConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
+
+    @property
+    def active(self) -> bool:
+        return self.dp.enabled or self.secure_aggregation.enabled
+
+
 class ExperimentConfig(_Frozen):
     name: str = "feddpa"
     seed: int = 0
@@ -232,6 +310,22 @@ class ExperimentConfig(_Frozen):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="after")
+    def _privacy(self) -> ExperimentConfig:
+        dp, sa = self.privacy.dp, self.privacy.secure_aggregation
+        if dp.enabled and dp.noise == "client" and not sa.enabled:
+            raise ValueError(
+                "privacy.dp.noise 'client' (distributed noise) is private only when the driver "
+                "sees the sum alone: set privacy.secure_aggregation.enabled true, or noise 'server'"
+            )
+        if sa.enabled and self.federation.min_fit_clients < 2:
+            raise ValueError(
+                "privacy.secure_aggregation needs federation.min_fit_clients >= 2 (a lone "
+                "client's masked update is its update in the clear)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _quantized_engine(self) -> ExperimentConfig:

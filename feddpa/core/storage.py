@@ -181,6 +181,7 @@ class RoundRecord(TypedDict):
     eval: dict  # {} when the round was not evaluated
     trust: dict[str, float]
     failures: list[dict]
+    privacy: dict  # ε at δ, clip, uploads, masking attempts (feddpa.core.privacy); {} when off
 
 
 # --- a client's files, a round, a stage -------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from feddpa.actors.host import ClientHost, FitResult
@@ -14,13 +15,31 @@ from feddpa.core.adapters import AdapterState
 from feddpa.core.algorithms import method_of
 from feddpa.core.config import ExperimentConfig, WeightingConfig
 from feddpa.core.evaluation import ItemScores
+from feddpa.core.privacy import ClientTask
 from feddpa.core.storage import RunDir, Stage
 
 
 class Executor(Protocol):
     def fit(
-        self, step: int, client_ids: list[int], global_state: AdapterState, stage: Stage
-    ) -> Iterator[FitResult]: ...
+        self,
+        step: int,
+        client_ids: list[int],
+        global_state: AdapterState,
+        stage: Stage,
+        task: ClientTask | None = None,
+    ) -> Iterator[FitResult]:
+        """Each client's result; with a privacy `task`, its sealed upload instead of its adapter."""
+        ...
+
+    def advertise(
+        self, step: int, client_ids: list[int], attempt: int
+    ) -> Iterator[tuple[int, bytes]]:
+        """Each client's public key of masking attempt `attempt` (secure aggregation)."""
+        ...
+
+    def seal(self, client_ids: list[int], task: ClientTask) -> Iterator[tuple[int, np.ndarray]]:
+        """Each client's held update sealed again for a new masking attempt (`ClientHost.seal`)."""
+        ...
 
     def evaluate(
         self,
@@ -62,9 +81,17 @@ class InProcessExecutor:
     ) -> None:
         self.host = ClientHost(cfg, data_dir, method_of(cfg).hosted_clients(client_ids), run)
 
-    def fit(self, step, client_ids, global_state, stage):
+    def fit(self, step, client_ids, global_state, stage, task=None):
         for cid in tqdm(client_ids, desc=f"round {step} clients", leave=False, unit="client"):
-            yield self.host.fit(cid, step, global_state, stage)
+            yield self.host.fit(cid, step, global_state, stage, task)
+
+    def advertise(self, step, client_ids, attempt):
+        for cid in client_ids:
+            yield cid, self.host.advertise(cid, step, attempt)
+
+    def seal(self, client_ids, task):
+        for cid in client_ids:
+            yield cid, self.host.seal(cid, task)
 
     def evaluate(self, step, client_ids, global_state, weighting, global_scores=None):
         for cid in tqdm(client_ids, desc=f"round {step} eval", leave=False, unit="client"):

@@ -25,10 +25,12 @@ from feddpa.core.config import ExperimentConfig
 from feddpa.core.evaluation import ItemScores, summarize
 from feddpa.core.fedavg import FlatState, OrderedAverage, state_nbytes
 from feddpa.core.models.loading import lora_config
+from feddpa.core.privacy import Privacy, resolve
 from feddpa.core.storage import Checkpoints, Round, RoundRecord, RunDir, Stage, Timing
 from feddpa.datasets import Manifest, read_manifest, read_test
 from feddpa.datasets.prepare import prepare_shards
 from feddpa.orchestrator.executor import Executor
+from feddpa.orchestrator.private_round import fit_private
 from feddpa.orchestrator.sampling import sample_clients
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ def _train(
     manifest = prepare_shards(
         cfg.data, data_dir, model_kind=cfg.model.kind, max_test_per_task=cfg.eval.max_test_per_task
     )
+    cfg = resolved_privacy(cfg, run, len(manifest.client_ids))
     test = read_test(str(data_dir), manifest)
     client_ids = manifest.client_ids
     ckpts = run.checkpoints(cfg.keep_checkpoints)
@@ -141,6 +144,10 @@ def _train(
     try:
         start = latest.completed_rounds() if latest else 0
         global_state = latest.global_adapter() if latest else executor.initial_global()
+        privacy = None
+        if cfg.privacy.active:  # the accountant and clip continue from the committed round
+            saved = latest.state().get("privacy") if latest else None
+            privacy = Privacy(cfg, len(client_ids), saved)
         log.info(
             "run %s: method %s, %d clients, steps %d..%d",
             run.path,
@@ -158,7 +165,7 @@ def _train(
             total=total_steps(cfg),
         ):
             global_state, final = run_step(
-                cfg, step, executor, ckpts, manifest, test, global_state, run
+                cfg, step, executor, ckpts, manifest, test, global_state, run, privacy
             )
         if not final and latest is not None:
             final = latest.metrics().get("eval", {})
@@ -179,6 +186,7 @@ class Fitted:
     transfer_s: float
     fold_s: float  # folding updates into the average as they arrived
     bytes_up: int
+    privacy: dict  # the round's ε, clip, uploads (feddpa.core.privacy); {} without privacy
 
 
 def run_step(
@@ -190,6 +198,7 @@ def run_step(
     test,
     global_state: AdapterState,
     run: RunDir,
+    privacy: Privacy | None = None,
 ) -> tuple[AdapterState, dict]:
     """One round: sample → fit and aggregate → calibrate → evaluate → commit → log."""
     method = method_of(cfg)
@@ -197,7 +206,7 @@ def run_step(
     sampled = sample(cfg, manifest.client_ids, step)
     fit_ids = method.fit_clients(step, sampled)
     stage = ckpts.stage(step)
-    fitted = fit_and_aggregate(cfg, step, executor, fit_ids, global_state, stage)
+    fitted = fit_and_aggregate(cfg, step, executor, fit_ids, global_state, stage, privacy)
     t_fit = time.perf_counter()
     trust = calibrate(executor, cfg, step, sorted(fitted.reported), fitted.global_state, stage)
     t_agg = time.perf_counter()
@@ -229,11 +238,28 @@ def run_step(
         "eval": evaluation,
         "trust": trust,
         "failures": fitted.failures + executor.round_stats()["failures"],
+        "privacy": fitted.privacy,
     }
     ids = manifest.client_ids
-    state = {"completed_steps": step + 1, "method": cfg.method, "sampled": sampled, "clients": ids}
+    state: dict = {
+        "completed_steps": step + 1,
+        "method": cfg.method,
+        "sampled": sampled,
+        "clients": ids,
+    }
+    if privacy is not None:
+        state["privacy"] = privacy.state()  # the accountant continues from here on --resume
     ckpts.commit(stage, state, record)  # the record is complete: metrics.jsonl gets it as is
     append_metrics(run, record, step)
+    if "epsilon" in fitted.privacy:
+        log.info(
+            "round %d: ε = %.4g at δ = %g (noise multiplier %s, clip %s)",
+            step,
+            fitted.privacy["epsilon"],
+            fitted.privacy["delta"],
+            fitted.privacy.get("noise_multiplier"),
+            fitted.privacy.get("clip"),
+        )
     if evaluation:
         log.info(
             "round %d: P %.4f TTP %.4f", step, evaluation["avg"]["P"], evaluation["avg"]["TTP"]
@@ -255,10 +281,32 @@ def fit_and_aggregate(
     fit_ids: list[int],
     global_state: AdapterState,
     stage: Stage,
+    privacy: Privacy | None = None,
 ) -> Fitted:
     """Fit `fit_ids`, folding each global update into FedAvg as it arrives. A NaN/inf update is
     left out (its client's previous round is kept); fewer reporters than
-    `federation.min_fit_clients` abort the round before anything is committed."""
+    `federation.min_fit_clients` abort the round before anything is committed. Under `privacy`
+    the clients upload privatized, sealed updates (`fit_private`)."""
+    method = method_of(cfg)
+    if privacy is not None and method.finetunes(step):
+        fitted = fit_and_aggregate(cfg, step, executor, fit_ids, global_state, stage)
+        fitted.privacy = privacy.untouched()  # nothing leaves the clients: nothing is spent
+        return fitted
+    if privacy is not None:
+        out = fit_private(cfg, step, executor, fit_ids, global_state, stage, privacy)
+        stats = executor.round_stats()
+        stage.drop_unreported(out["reported"])
+        return Fitted(
+            out["global_state"],
+            out["losses"],
+            out["reported"],
+            stats["failures"] + out["failures"],
+            out["compute_s"],
+            stats["transfer_s"],
+            out["fold_s"],
+            out["bytes_up"],
+            out["privacy"],
+        )
     avg = OrderedAverage(fit_ids)  # folds in client-id order: bit-identical whatever arrives first
     losses, compute, bytes_up, fold_s, rejected = {}, 0.0, 0, 0.0, []
     for res in executor.fit(step, fit_ids, global_state, stage):
@@ -296,8 +344,22 @@ def fit_and_aggregate(
     stage.drop_unreported(reported)  # evaluation reads staged files of reporters only
     aggregated = avg.result() if avg.count else global_state
     return Fitted(
-        aggregated, losses, reported, failures, compute, stats["transfer_s"], fold_s, bytes_up
+        aggregated, losses, reported, failures, compute, stats["transfer_s"], fold_s, bytes_up, {}
     )
+
+
+def resolved_privacy(cfg: ExperimentConfig, run: RunDir, population: int) -> ExperimentConfig:
+    """The run's privacy settings made explicit (calibrated noise multiplier, the rounds the ε
+    budget allows) and written into its config.yaml, so a resumed run uses exactly them."""
+    try:
+        resolved, notes = resolve(cfg, population)
+    except ValueError as err:
+        raise ValueError(f"{run.config_file}: {err}") from None
+    for note in notes:
+        log.warning("privacy: %s", note)
+    if resolved != cfg:
+        run.write_config(resolved)
+    return resolved
 
 
 def calibrate(

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import ray
 from ray.exceptions import (
     ActorDiedError,
@@ -128,14 +129,26 @@ class RayExecutor:
         self.failures.append({"round": step, "client": cid, "call": what, "error": why})
         self.progress["failed"] += 1
 
-    def fit(self, step, client_ids, global_state, stage) -> Iterator[FitResult]:
+    def fit(self, step, client_ids, global_state, stage, task=None) -> Iterator[FitResult]:
         self._await_restarts()
         ref = ray.put(to_wire(global_state))
-        pending = {self.owner[c].fit.remote(c, step, ref, stage): c for c in client_ids}
+        tref = ray.put(task)  # the round's keys travel once, not once per client
+        pending = {self.owner[c].fit.remote(c, step, ref, stage, tref): c for c in client_ids}
         for result in self._gather(pending, step, "fit"):
             if result.global_state is not None:
                 result = dataclasses.replace(result, global_state=from_wire(result.global_state))
             yield result
+
+    def advertise(self, step, client_ids, attempt) -> Iterator[tuple[int, bytes]]:
+        self._await_restarts()
+        pending = {self.owner[c].advertise.remote(c, step, attempt): c for c in client_ids}
+        yield from self._gather(pending, step, "advertise")
+
+    def seal(self, client_ids, task) -> Iterator[tuple[int, np.ndarray]]:
+        self._await_restarts()
+        tref = ray.put(task)
+        pending = {self.owner[c].seal.remote(c, tref): c for c in client_ids}
+        yield from self._gather(pending, task.step, "seal")
 
     def evaluate(
         self, step, client_ids, global_state, weighting, global_scores=None

@@ -24,11 +24,30 @@ def run_summary(run_dir: Path) -> Summary:
         raise FileNotFoundError(
             f"{run.path} has no {run.metrics_file.name}: nothing was trained there yet"
         )
-    evals = [r for r in run.read_metrics() if r.get("eval")]
+    records = run.read_metrics()
+    evals = [r for r in records if r.get("eval")]
     if not evals:
         raise ValueError(f"{run.metrics_file}: no evaluated round yet")
     curve = [[r["round"], r["eval"]["avg"]["P"], r["eval"]["avg"]["TTP"]] for r in evals]
-    return {"final": evals[-1]["eval"], "curve": curve, "records": evals}
+    privacy: dict = next((r["privacy"] for r in reversed(records) if r.get("privacy")), {})
+    return {"final": evals[-1]["eval"], "curve": curve, "records": evals, "privacy": privacy}
+
+
+def privacy_line(summary: Summary) -> str:
+    """The run's privacy in one sentence ('' when it ran without)."""
+    p = summary.get("privacy") or {}
+    if not p:
+        return ""
+    masks = "secure aggregation (the driver saw masked updates only)"
+    where = masks if p.get("secure_aggregation") else "no secure aggregation"
+    if "epsilon" not in p:
+        return f"Privacy: {where}; no differential privacy (ε = ∞).\n"
+    return (
+        f"Privacy: client-level (ε, δ) = ({p['epsilon']:.3g}, {p['delta']:g}) on the global adapter "
+        f"after {p.get('rounds_accounted', '?')} rounds (RDP accountant, dp-accounting); noise "
+        f"multiplier {p.get('noise_multiplier', 0):.3g} added by the {p.get('noise', 'server')}, "
+        f"clip {p.get('clip', 0):.3g}; {where}.\n"
+    )
 
 
 def with_global_alone(name: str, summary: Summary) -> dict[str, Summary]:
@@ -41,7 +60,11 @@ def with_global_alone(name: str, summary: Summary) -> dict[str, Summary]:
         for r in summary["records"]
         if "global_only" in r["eval"]
     ]
-    alone = {"final": summary["final"]["global_only"], "curve": curve}
+    alone = {
+        "final": summary["final"]["global_only"],
+        "curve": curve,
+        "privacy": summary.get("privacy"),
+    }
     return {name: summary, "global adapter alone (= FedIT)": alone}
 
 
@@ -217,6 +240,7 @@ def write_report(summaries: dict[str, Summary], out_dir: Path, title: str) -> st
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summaries)
     first = next(iter(summaries.values()))
+    table += privacy_line(first) and "\n" + privacy_line(first)
     mixing = first["final"].get("weighting") not in (None, "global_only", "local_only")
     if mixing:
         table += "\nLocal weight per client (mean over items):\n\n" + weight_table(first)

@@ -74,7 +74,10 @@ def test_only_global_adapter_reaches_driver(ray_local, tmp_path):
             "global_state",
             "losses",
             "compute_s",
+            "sealed",
+            "nonfinite",
         }
+        assert result.sealed is None  # no privacy configured: the adapter itself travels
         for tensor in result.global_state.state().values():  # FlatState off the wire
             assert not any(
                 tensor.shape == t.shape and torch.equal(tensor, t) for t in local_tensors
