@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from feddpa.core.records import Example, format_options, parse_options
+from feddpa.core.records import Example, parse_options
 from feddpa.serving import schemas as s
 from feddpa.serving.auth import TokenStore
 from feddpa.serving.backends import Backend
@@ -82,15 +82,18 @@ class CompletionService:
         return info
 
     def mc_example(self, instruction: str, options: list[str] | None) -> Example:
-        """A multiple-choice item: `options`, or the instruction's OPTIONS block."""
-        opts = options or list(parse_options(instruction))
+        """A multiple-choice item: `options`, or the instruction's OPTIONS block, parsed once
+        here. The item carries the list checked against the limits (`Example.choices`): the
+        engine never parses the formatted text again."""
+        opts = list(options) if options else list(parse_options(instruction))
         if len(opts) < 2:
             raise HTTPException(
                 422, "give 'options' (two or more) or end the instruction with an OPTIONS: block"
             )
         check_options(opts, self.state.limits)
-        text = format_options(instruction, opts) if options else instruction
-        return Example(text, opts[0], "request")
+        if options:
+            return Example.multiple_choice(instruction, opts, "request")
+        return Example(instruction, opts[0], "request", choices=tuple(opts))
 
     async def run(self, rid: str, req: EngineRequest) -> Result:
         async with self.admitted(rid, req) as req:
