@@ -13,11 +13,11 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from feddpa.core.storage import RunDir
 from feddpa.serving.app import AppState, Limits, build_app
@@ -92,10 +92,7 @@ class RayBackend:
     async def run(self, req: Request) -> Result:
         # No multiplexed_model_id: in Ray 2.60 serve.batch splits batches by multiplexed id, which
         # would serve each client alone. The engine's LRU holds the clients instead.
-        try:
-            out = await self.handle.run.remote(req)
-        except Exception as err:
-            raise ServingError(ray_failure(err, req.request_id)) from None
+        out = await settled(self.handle.run.remote(req), req.request_id)
         if isinstance(out, Failure):
             raise ServingError(out)
         return out
@@ -120,10 +117,24 @@ class RayBackend:
                 items.cancel()  # the caller went away (or a Failure ended it): stop the replica
 
     async def describe(self) -> dict:
-        try:
-            return await self.handle.describe.remote()
-        except Exception as err:  # e.g. BackPressureError: Serve would answer a bare 503
-            raise ServingError(ray_failure(err, "describe")) from None
+        return await settled(self.handle.describe.remote(), "describe")
+
+
+async def settled(response: DeploymentResponse, request_id: str) -> Any:
+    """The call's result. Cancelling an `await` of a Serve `DeploymentResponse` leaves the
+    request queued in the replica, to run later for nobody (Ray 2.60: `__await__` re-raises the
+    CancelledError without cancelling): a caller that gives up (the request timeout, a client gone)
+    cancels the request itself, so Serve drops it from the replica's queue, or cancels the
+    replica's task (`DeploymentResponse.cancel`, which the Personalizer's batcher sees as a
+    cancelled future and skips). A failing call (e.g. BackPressureError, for which Serve would
+    answer a bare 503) becomes the typed failure."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+    except Exception as err:
+        raise ServingError(ray_failure(err, request_id)) from None
 
 
 def ray_failure(err: Exception, request_id: str) -> Failure:

@@ -243,6 +243,58 @@ def test_a_full_queue_is_503_with_retry_after_through_serve(served_causal):
             assert r.json()["detail"] in OVERLOADED, r.text
 
 
+@pytest.fixture
+def served_slow(served, tmp_path_factory, tiny_llama_dir) -> Iterator[str]:
+    """The causal-LM run under /slow: one request per batch and a 0.25 s request timeout, so a
+    burst of long generations times out while queued in the Personalizer."""
+    from ray import serve
+
+    from feddpa.serving.deployment import ServeOptions, build_application
+    from feddpa.serving.limits import Limits
+
+    options = ServeOptions(
+        run_dir=str(causal_run(tmp_path_factory, tiny_llama_dir)),
+        cpus_per_replica=0.5,
+        max_batch_size=1,
+        limits=Limits(request_timeout_s=0.25),
+    )
+    serve.run(build_application(options), name="slow", route_prefix="/slow")
+    url = f"{served.url}/slow"
+    deadline = time.monotonic() + 60
+    while httpx2.get(f"{url}/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the slow app did not become healthy in 60 s"
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        serve.delete("slow")
+
+
+def test_timed_out_requests_leave_no_orphans_in_the_personalizer(served_slow):
+    """A 504 used to cancel the ingress's `await` only: each timed-out request stayed queued in the
+    Personalizer and ran later for nobody, ahead of fresh requests. Now the Serve request is
+    cancelled: of 8 timed-out generations at most the one running at the time is decoded, and a
+    fresh request after them runs next."""
+    from ray import serve
+
+    def generate(tokens: int) -> httpx2.Response:
+        return httpx2.post(
+            f"{served_slow}/v1/clients/1/generate",
+            json={"prompt": "Tell me a long story about the sea", "max_tokens": tokens},
+            timeout=120,
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = [r.status_code for r in pool.map(generate, [250] * 8)]
+    assert set(codes) <= {200, 504} and codes.count(504) >= 4, codes
+    fresh = generate(2)
+    assert fresh.status_code == 200, fresh.text
+    replica = serve.get_deployment_handle("Personalizer", app_name="slow")
+    batches = sum(replica.batch_sizes.remote().result().values())
+    # the answered ones, at most two running when the others timed out, and the fresh one
+    assert batches <= codes.count(200) + 2 + 1, (batches, codes)
+
+
 def test_roll_out_under_load_fails_no_request_and_mixes_no_versions(served):
     """Runs last (it commits round 2 into the served run): 4 threads keep predicting while the
     round is committed. Every response is 200, each thread sees the old round and then only the

@@ -3,6 +3,7 @@ test over HTTP (the app in-process over an engine, or a real uvicorn server on 1
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -67,3 +68,58 @@ def test_option_lines_cannot_multiply_what_is_scored_past_max_options(engine, mo
         )
     assert scored == [4]
     assert five.status_code == 413 and "the limit is 4" in five.json()["detail"]
+
+
+# --- a 504 cancels the work it gave up on ----------------------------------------------------------
+
+INFO = {"clients": [0, 1], "version": "round_00001", "kind": "multiple_choice", "problem": None}
+NEVER = object()
+
+
+class Response:
+    """A Serve `DeploymentResponse` stand-in: settles with `value` (NEVER: not at all) and records
+    `cancel()`, which is what stops the replica's work (awaiting it does not)."""
+
+    def __init__(self, value: object = NEVER) -> None:
+        self.value, self.cancelled = value, False
+
+    async def _wait(self) -> object:
+        if self.value is NEVER:
+            await asyncio.Event().wait()
+        return self.value
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Method:
+    def __init__(self, value: object = NEVER) -> None:
+        self.value, self.calls = value, []
+
+    def remote(self, *_args) -> Response:
+        self.calls.append(Response(self.value))
+        return self.calls[-1]
+
+
+class Handle:
+    """A handle to a Personalizer that knows its clients and never answers a request."""
+
+    def __init__(self, describe: object = INFO) -> None:
+        self.describe, self.run = Method(describe), Method()
+
+
+def test_a_504_cancels_the_serve_request_it_gave_up_on():
+    """The ingress's timeout cancelled its own `await` only: the Serve request stayed queued and
+    ran later for nobody while the error said "request cancelled"."""
+    from feddpa.serving.deployment import RayBackend
+
+    handle = Handle()
+    state = AppState(RayBackend(handle), None, Limits(request_timeout_s=0.2))  # type: ignore[arg-type]
+    with TestClient(build_app(state)) as client:
+        r = client.post("/v1/clients/0/predict", json={"instruction": STEM, "options": ["a", "b"]})
+    assert r.status_code == 504 and "request cancelled" in r.json()["detail"], r.text
+    assert [call.cancelled for call in handle.run.calls] == [True]
+    assert state.inflight == 0 and not state.client_inflight
