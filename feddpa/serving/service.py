@@ -28,6 +28,7 @@ from feddpa.serving.metrics import Metrics
 from feddpa.serving.openai_compat import DONE, Chunks, event, stream_error
 
 log = logging.getLogger(__name__)
+DESCRIBE_TTL_S = 1.0  # how long the client list / served round / health answer is reused
 
 
 @dataclass
@@ -57,10 +58,33 @@ class CompletionService:
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.started = int(time.time())  # the model cards' `created`
+        self.info: dict | None = None  # the backend's last `describe()`, and when it came
+        self.info_at = 0.0
+        self.describing = asyncio.Lock()  # one client-list call in flight per app
 
     async def describe(self) -> dict:
-        """{"clients", "version", "kind"} and, while a newer round fails to load, "problem"."""
-        return await self.state.backend.describe()
+        """{"clients", "version", "kind"} and, while a newer round fails to load, "problem".
+
+        Every route asks (health checks too), so the answer is kept for `DESCRIBE_TTL_S`: the
+        backend (under Serve, the Personalizer, which then looks at the run's LATEST round) is
+        called at most once per interval whatever the request rate, one call at a time, and a call
+        that does not come back within the request timeout is a 503, never a slot held forever."""
+        async with self.describing:
+            if self.info is None or time.monotonic() >= self.info_at + DESCRIBE_TTL_S:
+                limits = self.state.limits
+                try:
+                    info = await asyncio.wait_for(
+                        self.state.backend.describe(), limits.request_timeout_s
+                    )
+                except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
+                    raise HTTPException(
+                        503,
+                        f"the model replicas did not list the clients within "
+                        f"{limits.request_timeout_s:g} s; retry later",
+                        headers=limits.retry(),
+                    ) from None
+                self.info, self.info_at = info, time.monotonic()
+            return self.info
 
     async def clients(self, owner: int | None) -> s.ClientsResponse:
         """The clients the request's token opens (`owner`; None: all)."""
