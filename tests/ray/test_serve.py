@@ -163,6 +163,17 @@ def test_errors_raised_in_the_replica_reach_the_client_as_plain_json(served):
     assert "ray::" not in r.text and "\\u001b" not in r.text and "actor_id" not in r.text
 
 
+def test_joining_a_running_serve_with_other_http_options_is_refused(served):
+    """`serve.start` on a running Serve keeps its proxy's HTTP options without a word: the app
+    was deployed on the running proxy's address while the exposure check trusted --host."""
+    from feddpa.serving.deployment import ServeOptions, start
+
+    elsewhere = free_port()
+    with pytest.raises(ValueError, match=f"proxy on 127.0.0.1:{served.url.rsplit(':', 1)[1]}"):
+        start(ServeOptions(run_dir=str(served.run_dir)), host="127.0.0.1", port=elsewhere)
+    assert httpx2.get(f"{served.url}/healthz", timeout=10).status_code == 200  # untouched
+
+
 @pytest.fixture(scope="module")
 def served_causal(served, tmp_path_factory, tiny_llama_dir) -> Iterator[str]:
     """The causal-LM run as a second application under /causal on the same Serve proxy."""
