@@ -4,21 +4,28 @@ test over HTTP (the app in-process over an engine, or a real uvicorn server on 1
 from __future__ import annotations
 
 import asyncio
+import gc
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx2
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from serving_fixtures import free_port, mc_engine, torch_threads
+from safetensors.torch import load_file, save_file
+from serving_fixtures import commit_scaled_global, free_port, mc_engine, mc_run, torch_threads
 
+from feddpa.core.records import Example
+from feddpa.core.storage import Round, RunDir
+from feddpa.core.weighting import ClientBank
 from feddpa.serving.app import AppState, Limits, LocalBackend, build_app
 from feddpa.serving.auth import TokenStore, create_tokens
-from feddpa.serving.engine import ServingEngine
+from feddpa.serving.engine import Request, ServingEngine
 
 STEM = "Route this ticket: I was charged twice for my plan"
 
@@ -288,3 +295,161 @@ def test_sigterm_deletes_the_app_and_exits(tmp_path):
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     lines = done.stdout.splitlines()
     assert lines[0] == "started" and lines[-2:] == ["deleted feddpa", "shut down"], done.stdout
+
+
+# --- --capacity bounds what is resident; a round switch does not stall batches --------------------
+
+
+def items() -> list[Request]:
+    return [
+        Request(cid, Example.multiple_choice(STEM, ["billing team", "tech support"], "r"))
+        for cid in (0, 1, 2, 3)
+    ]
+
+
+def test_more_distinct_clients_than_capacity_stay_within_it(tmp_path_factory, engine):
+    """Clients were loaded before eviction, the local-adapter stack doubled past the capacity and
+    every client's bank stayed in memory. Now a batch of 4 clients at capacity 2 runs in parts:
+    never more than 2 clients resident, 2 stack slots, 2 banks held; answers unchanged."""
+    requests = items() + items()[:1]
+    want = engine.run_batch(requests)  # the shared engine (capacity 128) loads its banks first
+    gc.collect()
+    banks_before = sum(isinstance(o, ClientBank) for o in gc.get_objects())
+    small = ServingEngine(mc_run(tmp_path_factory), capacity=2)
+    peak = 0
+    real_put = small.stack.put
+
+    def put(state, owner="adapter"):
+        nonlocal peak
+        peak = max(peak, len(small.slots) + 1)
+        return real_put(state, owner)
+
+    small.stack.put = put  # type: ignore[method-assign]
+    got = small.run_batch(requests)
+    for a, b in zip(got, want, strict=True):
+        assert a.probs == pytest.approx(b.probs, abs=1e-5) and a.choice == b.choice
+    assert peak <= 2 and len(small.slots) <= 2 and small.stack.capacity <= 2
+    gc.collect()
+    assert sum(isinstance(o, ClientBank) for o in gc.get_objects()) - banks_before <= 2
+
+
+def test_a_batch_completes_while_a_new_round_is_read(tmp_path_factory, tmp_path, monkeypatch):
+    """The new round was read under the engine's lock: every batch waited for the whole read."""
+    copy = tmp_path / "run"
+    shutil.copytree(mc_run(tmp_path_factory), copy)
+    live = ServingEngine(copy)
+    request = items()[:1]
+    live.run_batch(request)
+    commit_scaled_global(copy, 3.0)
+    reading, release = threading.Event(), threading.Event()
+    real = live._read_round
+
+    def slow_read(source):
+        reading.set()
+        release.wait(timeout=60)
+        return real(source)
+
+    monkeypatch.setattr(live, "_read_round", slow_read)
+    switcher = threading.Thread(target=live.refresh)
+    switcher.start()
+    done: list = []
+    batch = threading.Thread(target=lambda: done.extend(live.run_batch(request)))
+    try:
+        assert reading.wait(timeout=10)
+        batch.start()
+        batch.join(timeout=20)
+        assert done and done[0].version == "round_00001", "the batch waited for the round read"
+    finally:
+        release.set()
+        switcher.join(timeout=60)
+        if batch.ident is not None:
+            batch.join(timeout=60)
+    assert live.run_batch(request)[0].version == "round_00002"
+
+
+# --- server-side faults: a 503 naming no path; a NaN local adapter is never served ---------------
+
+
+def _replace(file: Path, write) -> None:
+    """Rewrite `file` as a new file (rounds share files through hard links)."""
+    tensors = load_file(str(file))
+    file.unlink()
+    write(file, tensors)
+
+
+def test_a_new_round_with_a_nan_local_adapter_is_not_served(tmp_path_factory, tmp_path):
+    """Only the global adapter was checked for NaN: a NaN local adapter was served (probs null,
+    the first option chosen). Now the round is refused, the previous one stays, and `/healthz`
+    says why without a server path."""
+    copy = tmp_path / "run"
+    shutil.copytree(mc_run(tmp_path_factory), copy)
+    live = ServingEngine(copy)
+    new_round = Round(commit_scaled_global(copy, 3.0))
+    local = new_round.client(2).local_file
+    _replace(local, lambda f, t: save_file({k: v * float("nan") for k, v in t.items()}, str(f)))
+    body = {"instruction": STEM, "options": ["billing team", "tech support"]}
+    with app_client(live) as client:
+        r = client.post("/v1/clients/2/predict", json=body)
+        health = client.get("/healthz").json()
+    assert r.status_code == 200 and r.json()["version"] == "round_00001", r.text
+    assert all(p == p for p in r.json()["probs"])  # no NaN (JSON null)
+    assert health["status"] == "degraded" and "NaN" in health["reason"], health
+    assert str(tmp_path) not in health["reason"] and "round_00002" in health["reason"]
+
+
+def test_a_corrupt_adapter_on_the_server_is_a_503_naming_no_path(tmp_path_factory, tmp_path):
+    """A server-side `ValueError` (an unreadable adapter) was a 422 naming a server path."""
+    copy = tmp_path / "run"
+    shutil.copytree(mc_run(tmp_path_factory), copy)
+    live = ServingEngine(copy)
+    local = RunDir(copy).latest().client(3).local_file  # type: ignore[union-attr]
+    local.unlink()
+    local.write_bytes(b"not safetensors")
+    with app_client(live) as client:
+        r = client.post("/v1/clients/3/predict", json={"instruction": STEM, "options": ["a", "b"]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert str(tmp_path) not in r.text and "client 3" in r.json()["detail"]
+
+
+# --- a rerun stream never splices other text onto what was sent ---------------------------------
+
+
+def _diverging_batch(requests: list[str], on_text=None) -> list[str]:
+    """With "bad" in the batch: every row streams 2 characters, then the batch fails. Alone a
+    row decodes other text ("beta!" for "alpha"), as a lone row may decode unlike a batch."""
+    if "bad" in requests:
+        if on_text is not None and len(requests) > 1:
+            for i, req in enumerate(requests):
+                on_text(i, req[:2])
+        raise ValueError("bad request")
+    texts = ["beta!" if req == "alpha" else req + "!" for req in requests]
+    for i, text in enumerate(texts):
+        if on_text is not None:
+            on_text(i, text[:2])
+            on_text(i, text[2:])
+    return texts
+
+
+def test_a_rerun_that_decodes_other_text_ends_the_stream_with_an_error():
+    """A failed batch's rerun passed on its text from the old length: "al" + "ta!" = "alta!"."""
+    from feddpa.serving.batcher import Batcher
+    from feddpa.serving.errors import Unavailable
+
+    async def scenario():
+        batcher = Batcher(_diverging_batch, max_batch_size=8, wait_s=0.05)
+
+        async def collect(req: str) -> list[str]:
+            out = []
+            try:
+                async for item in batcher.stream(req):
+                    out.append(item)
+            except (ValueError, Unavailable) as err:
+                out.append(f"{type(err).__name__}: {err}")
+            return out
+
+        return await asyncio.gather(collect("alpha"), collect("bad"))
+
+    alpha, bad = asyncio.run(scenario())
+    assert alpha[0] == "al" and len(alpha) == 2, alpha
+    assert alpha[1].startswith("Diverged: the batch failed after this stream had started"), alpha
+    assert bad == ["ba", "ValueError: bad request"]
