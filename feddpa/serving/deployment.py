@@ -93,7 +93,8 @@ class RayBackend:
     async def run(self, req: Request) -> Result:
         # No multiplexed_model_id: in Ray 2.60 serve.batch splits batches by multiplexed id, which
         # would serve each client alone. The engine's LRU holds the clients instead.
-        out = await settled(self.handle.run.remote(req), req.request_id)
+        call = cast(DeploymentResponse, self.handle.run.remote(req))  # stream=False
+        out = await settled(call, req.request_id)
         if isinstance(out, Failure):
             raise ServingError(out)
         return out
@@ -118,7 +119,7 @@ class RayBackend:
                 items.cancel()  # the caller went away (or a Failure ended it): stop the replica
 
     async def describe(self) -> dict:
-        return await settled(self.handle.describe.remote(), "describe")
+        return await settled(cast(DeploymentResponse, self.handle.describe.remote()), "describe")
 
 
 async def settled(response: DeploymentResponse, request_id: str) -> Any:
@@ -247,5 +248,7 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, bloc
 
     wanted = http_options(options, host, port)
     serve.start(http_options=wanted)
-    check_proxy(_get_global_client().http_config, wanted)
+    client = _get_global_client()
+    assert client is not None  # serve.start connected it
+    check_proxy(client.http_config, wanted)
     return serve.run(build_application(options), name=APP_NAME, route_prefix="/", blocking=blocking)
