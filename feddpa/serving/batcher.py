@@ -64,6 +64,13 @@ class Diverged(Unavailable):
     """A streamed request's rerun decoded other text than the text already sent (503)."""
 
 
+def diverged_error() -> Diverged:
+    return Diverged(
+        "the batch failed after this stream had started, and its rerun decoded other text: "
+        "the text sent is not the answer; retry"
+    )
+
+
 async def streamed(parts: Parts, future: asyncio.Future[R]) -> AsyncGenerator[str | R, None]:
     """`parts`' deltas as they come, then `future`'s result (settled after the last delta)."""
     future.add_done_callback(lambda _: parts.queue.put_nowait(_DONE))
@@ -164,12 +171,8 @@ class Batcher(Generic[Q, R]):
                     except Exception as alone:
                         self._settle(item[1], alone)
                     else:
-                        if parts is not None and parts.diverged:
-                            result = Diverged(
-                                "the batch failed after this stream had started, and its rerun "
-                                "decoded other text: the text sent is not the answer; retry"
-                            )
-                        self._settle(item[1], result)
+                        diverged = parts is not None and parts.diverged
+                        self._settle(item[1], diverged_error() if diverged else result)
                 continue
             for (_, fut, _), result in zip(live, results, strict=True):
                 self._settle(fut, result)
