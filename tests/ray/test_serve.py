@@ -298,12 +298,17 @@ def test_timed_out_requests_leave_no_orphans_in_the_personalizer(served_slow):
     with ThreadPoolExecutor(max_workers=8) as pool:
         codes = [r.status_code for r in pool.map(generate, [250] * 8)]
     assert set(codes) <= {200, 504} and codes.count(504) >= 4, codes
-    fresh = generate(2)
+    # a fresh short request waits at most for the generation still running (a running batch
+    # cannot be stopped); before the fix it queued behind every orphan and kept timing out
+    attempts, deadline = 1, time.monotonic() + 60
+    while (fresh := generate(2)).status_code == 504 and time.monotonic() < deadline:
+        attempts += 1
+        time.sleep(0.2)
     assert fresh.status_code == 200, fresh.text
     replica = serve.get_deployment_handle("Personalizer", app_name="slow")
     batches = sum(replica.batch_sizes.remote().result().values())
-    # the answered ones, at most two running when the others timed out, and the fresh one
-    assert batches <= codes.count(200) + 2 + 1, (batches, codes)
+    # the answered ones, at most two running when the others timed out, and the fresh ones
+    assert batches <= codes.count(200) + 2 + attempts, (batches, attempts, codes)
 
 
 def test_roll_out_under_load_fails_no_request_and_mixes_no_versions(served):
