@@ -9,7 +9,10 @@ phases of `--seconds` each, the same valid traffic in both: `--valid` closed-loo
 client predicting its own task's items with its own token; in the second phase `--bad` more
 threads send, round-robin, the bad requests of `BAD` (malformed JSON, a 2 MB body, a lone
 surrogate, 2,000 options, an option of 5,000 characters, another client's token, no token, an
-unknown client, a bad weighting). Reported: valid requests failed (target 0), 5xx answers to
+unknown client, a bad weighting, 32 options whose "\n- x" lines once re-parsed into ~2,000, a
+request abandoned by its client after 50 ms: an orphan unless cancelled), and `--slow` threads
+each keep a body trickling in (answered 408 at `--body-timeout-s`). `--capacity` (default: half
+the clients) keeps more distinct clients in the traffic than the Personalizer may hold. Reported: valid requests failed (target 0), 5xx answers to
 anything (target 0), each bad kind's status codes, p50/p99 of valid requests without and with the
 bad traffic, and the Personalizer replica's RSS before, between and after.
 Writes adversarial.json and adversarial.md into --out (default benchmarks/results).
@@ -23,6 +26,7 @@ import logging
 import os
 import random
 import shlex
+import socket
 import sys
 import tempfile
 import threading
@@ -44,6 +48,7 @@ from serving import pct, serve_on_loopback, train_run  # noqa: E402
 from feddpa.datasets import read_manifest, read_test  # noqa: E402
 from feddpa.serving.auth import create_tokens  # noqa: E402
 from feddpa.serving.deployment import ServeOptions  # noqa: E402
+from feddpa.serving.limits import Limits  # noqa: E402
 
 log = logging.getLogger("bench.adversarial")
 
@@ -87,7 +92,37 @@ def bad_requests(clients: list[int], tokens: dict, text: str) -> list[tuple[str,
             "bad weighting",
             {"url": url, "json": {"instruction": text, "weighting": "nope"}, "headers": auth},
         ),
+        (
+            "re-parsed options",
+            {
+                "url": url,
+                "json": {"instruction": text, "options": ["o" + "\n- x" * 124] * 32},
+                "headers": auth,
+            },
+        ),
+        (
+            "abandoned after 50 ms",
+            {"url": url, "json": {"instruction": text}, "headers": auth, "timeout": 0.05},
+        ),
     ]
+
+
+def slow_body(base: str, token: str, cid: int, stop: float, status: Counter) -> None:
+    """Uploads that trickle: headers and a few bytes, then nothing until the server answers."""
+    host, port = base.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/clients/{cid}/predict HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    )
+    while time.monotonic() < stop:
+        try:
+            with socket.create_connection((host, int(port)), timeout=120) as sock:
+                sock.sendall(head.encode() + b'{"instruction": ')
+                first = sock.recv(4096).split(b"\r\n", 1)[0]
+                status[int(first.split()[1]) if first else -1] += 1
+        except OSError:
+            status[-1] += 1
 
 
 class Traffic:
@@ -159,7 +194,9 @@ def replica_rss_mb() -> float:
     return total / 2**20
 
 
-def phase(base: str, clients, tokens, texts, kinds, seconds: float, n_valid: int, n_bad: int):
+def phase(
+    base: str, clients, tokens, texts, kinds, seconds: float, n_valid: int, n_bad: int, n_slow=0
+):
     traffic = Traffic(base)
     stop = time.monotonic() + seconds
     threads = [
@@ -170,11 +207,21 @@ def phase(base: str, clients, tokens, texts, kinds, seconds: float, n_valid: int
         for k, cid in enumerate((clients * n_valid)[:n_valid])
     ]
     threads += [threading.Thread(target=traffic.bad, args=(kinds, stop, k)) for k in range(n_bad)]
+    slow: Counter[int] = Counter()
+    token = tokens["clients"][str(clients[0])]
+    threads += [
+        threading.Thread(target=slow_body, args=(base, token, clients[0], stop, slow))
+        for _ in range(n_slow)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return traffic.summary()
+    summary = traffic.summary()
+    if n_slow:
+        summary["bad_status"]["slow body"] = dict(slow)
+        summary["five_xx"] += sum(n for s, n in slow.items() if 500 <= s < 600)
+    return summary
 
 
 def main() -> int:
@@ -183,6 +230,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="length of each phase")
     p.add_argument("--valid", type=int, default=4, help="closed-loop threads of valid traffic")
     p.add_argument("--bad", type=int, default=2, help="closed-loop threads of bad requests")
+    p.add_argument("--slow", type=int, default=8, help="threads of trickling uploads")
+    p.add_argument("--body-timeout-s", type=float, default=2.0, help="the server's body deadline")
+    p.add_argument("--capacity", type=int, help="clients per replica (default: half the clients)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -207,7 +257,13 @@ def main() -> int:
     }
     tokens = create_tokens(clients, work / "tokens.json")
     kinds = bad_requests(clients, tokens, texts[clients[0]][0])
-    options = ServeOptions(str(run_dir), cpus_per_replica=1, tokens=str(work / "tokens.json"))
+    options = ServeOptions(
+        str(run_dir),
+        capacity=args.capacity or max(1, len(clients) // 2),
+        cpus_per_replica=1,
+        tokens=str(work / "tokens.json"),
+        limits=Limits(body_timeout_s=args.body_timeout_s),
+    )
     with serve_on_loopback(options) as base:
         phase(base, clients, tokens, texts, kinds, min(5.0, args.seconds), len(clients), 0)  # warm
         rss = [replica_rss_mb()]
@@ -215,7 +271,9 @@ def main() -> int:
         clean = phase(base, clients, tokens, texts, kinds, args.seconds, args.valid, 0)
         rss.append(replica_rss_mb())
         log.info("valid traffic with bad requests mixed in, %.0f s ...", args.seconds)
-        mixed = phase(base, clients, tokens, texts, kinds, args.seconds, args.valid, args.bad)
+        mixed = phase(
+            base, clients, tokens, texts, kinds, args.seconds, args.valid, args.bad, args.slow
+        )
         rss.append(replica_rss_mb())
         health = httpx2.get(f"{base}/healthz", timeout=30).json()
     total_s = time.perf_counter() - t_start
@@ -232,8 +290,10 @@ def main() -> int:
         "# Adversarial load: bad requests mixed into valid traffic (Ray Serve, 127.0.0.1)",
         "",
         f"Command: `{command}` ({total_s / 60:.0f} min). One Personalizer replica (1 CPU), token "
-        f"auth, default limits; {args.valid} valid closed-loop threads (each a client with its own "
-        f"token), {args.bad} bad ones in the second phase; {args.seconds:.0f} s per phase.",
+        f"auth, default limits but a {args.body_timeout_s:g} s body deadline, capacity "
+        f"{options.capacity} of {len(clients)} clients; {args.valid} valid closed-loop threads "
+        f"(each a client with its own token), {args.bad} bad ones and {args.slow} slow uploads "
+        f"in the second phase; {args.seconds:.0f} s per phase.",
         "",
         "| | valid alone | valid + bad |",
         "|---|---:|---:|",

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -182,14 +183,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     init_ray(args.ray)
     start(options, host=args.host, port=args.port)
     print(f"serving {run_dir} on http://{args.host}:{args.port} (Ctrl-C to stop)")
+    signal.signal(signal.SIGTERM, interrupted)  # `ray job stop` and process managers send it
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        stop(own_ray=args.ray == "local")
     return 0
+
+
+def interrupted(signum: int, _frame: object) -> None:
+    """SIGTERM ends the serving loop as Ctrl-C does (Python's default would exit at once,
+    leaving the app deployed on a cluster that outlives this process)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop(own_ray: bool) -> None:
+    """Delete the app; shut Serve down too when this process started the Ray it runs on (a
+    joined cluster's Serve may hold other applications)."""
+    from ray import serve
+
+    from feddpa.serving.deployment import APP_NAME
+
+    serve.delete(APP_NAME)
+    if own_ray:
+        serve.shutdown()
+    print(f"feddpa: stopped serving ({APP_NAME} deleted)", file=sys.stderr)
 
 
 def check_exposure(host: str, tokens: str | None, insecure: bool) -> None:

@@ -24,15 +24,28 @@ class Example:
     output: str
     task: str
     category: str = ""
+    # the options as given (serving: the list a client sent, or the block parsed once and
+    # checked against the limits); never parsed again from the text, where an option holding
+    # "\n- x" lines would become several. None: parsed from the instruction's OPTIONS block
+    choices: tuple[str, ...] | None = None
 
     @property
     def options(self) -> tuple[str, ...]:
-        return parse_options(self.instruction)
+        return self.choices if self.choices is not None else parse_options(self.instruction)
 
     @property
     def stem(self) -> str:
         """The instruction without its OPTIONS block."""
+        if self.choices is not None:
+            block = format_options("", self.choices)  # "\nOPTIONS:\n- a\n- b"
+            if self.instruction.endswith(block):
+                return self.instruction.removesuffix(block).strip()
         return split_options(self.instruction)[0]
+
+    @classmethod
+    def multiple_choice(cls, stem: str, options: list[str] | tuple[str, ...], task: str) -> Example:
+        """An item whose options are exactly `options` (the first is its `output`)."""
+        return cls(format_options(stem, options), options[0], task, choices=tuple(options))
 
     def to_dict(self) -> dict[str, str]:
         return {

@@ -100,11 +100,19 @@ class RayExecutor:
             self._fail(step, cid, what, "round timeout: its actor was killed")
 
     def discard(self, client_ids: list[int]) -> None:
+        """Drop clients' cached state in their actors, each call bounded by the round timeout: an
+        actor that does not answer is killed and restarted (as a late one is), since a restarted
+        actor re-reads every client from the committed round anyway."""
         for cid in client_ids:
+            actor = self.owner[cid]
             try:
-                ray.get(self.owner[cid].discard.remote(cid))
+                ray.get(actor.discard.remote(cid), timeout=self.cfg.ray.round_timeout_s)
+            except GetTimeoutError:
+                log.error("client %d: discard timed out; killing its actor (Ray restarts it)", cid)
+                ray.kill(actor, no_restart=False)
+                self.suspects.add(self.actors.index(actor))
             except RayActorError:  # the actor died: restarted, it re-reads every client anyway
-                self.suspects.add(self.actors.index(self.owner[cid]))
+                self.suspects.add(self.actors.index(actor))
 
     def _await_restarts(self) -> None:
         """Before dispatching, wait (bounded by the round timeout) for crashed actors to restart."""

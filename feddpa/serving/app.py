@@ -54,8 +54,16 @@ def build_app(state: AppState) -> FastAPI:
     app.include_router(openai_routes.router)
     # each layer wraps the ones added before it: the metrics count every answer, the id is set
     # before anything can refuse, and the token is checked before the body is read
-    app.add_middleware(BodyLimitMiddleware, max_bytes=state.limits.max_body_bytes)
-    app.add_middleware(AuthMiddleware, tokens=state.tokens)
+    limits = state.limits
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s
+    )
+    app.add_middleware(
+        AuthMiddleware,
+        tokens=state.tokens,
+        max_connections=limits.max_token_connections,
+        retry_after_s=limits.retry_after_s,
+    )
     app.add_middleware(RequestIdMiddleware, header=state.request_id_header)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes=app.router.routes)
     return app

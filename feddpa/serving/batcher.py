@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Generic, TypeVar
 
+from feddpa.serving.errors import Unavailable
+
 Q = TypeVar("Q")
 R = TypeVar("R")
 _DONE = object()
@@ -30,23 +32,43 @@ class Parts:
     """One streamed request's text deltas, from the worker thread to the event loop.
 
     A batch that fails is rerun member by member; a member that already streamed text then
-    decodes it again, and only what goes beyond the text already sent is passed on."""
+    decodes it again, and only what goes beyond the text already sent is passed on. A rerun whose
+    text differs from what was sent (a batch and a lone row may decode differently) cannot be
+    spliced onto it: the stream then ends with an error (`diverged`), never with mixed text."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.sent = 0  # characters passed on so far
-        self.seen = 0  # characters decoded in the current run
+        self.sent = ""  # text passed on so far
+        self.seen = ""  # text decoded in the current run
+        self.diverged = False
 
     def put(self, delta: str) -> None:  # worker thread
-        start, self.seen = self.seen, self.seen + len(delta)
-        new = delta[max(0, self.sent - start) :]
+        start, self.seen = len(self.seen), self.seen + delta
+        if self.diverged:
+            return
+        common = min(len(self.seen), len(self.sent))
+        if self.seen[start:common] != self.sent[start:common]:
+            self.diverged = True
+            return
+        new = self.seen[len(self.sent) :]
         if new:
             self.sent = self.seen
             self.loop.call_soon_threadsafe(self.queue.put_nowait, new)
 
     def rerun(self) -> None:
-        self.seen = 0
+        self.seen = ""
+
+
+class Diverged(Unavailable):
+    """A streamed request's rerun decoded other text than the text already sent (503)."""
+
+
+def diverged_error() -> Diverged:
+    return Diverged(
+        "the batch failed after this stream had started, and its rerun decoded other text: "
+        "the text sent is not the answer; retry"
+    )
 
 
 async def streamed(parts: Parts, future: asyncio.Future[R]) -> AsyncGenerator[str | R, None]:
@@ -141,14 +163,16 @@ class Batcher(Generic[Q, R]):
                 # one bad request must not fail the others (nor hand them its error, which may
                 # carry its text): each member runs again alone and gets its own outcome
                 for item in live:
-                    if item[2] is not None:
-                        item[2].rerun()
+                    parts = item[2]
+                    if parts is not None:
+                        parts.rerun()
                     try:
                         (result,) = await asyncio.to_thread(self._call, [item])
                     except Exception as alone:
                         self._settle(item[1], alone)
                     else:
-                        self._settle(item[1], result)
+                        diverged = parts is not None and parts.diverged
+                        self._settle(item[1], diverged_error() if diverged else result)
                 continue
             for (_, fut, _), result in zip(live, results, strict=True):
                 self._settle(fut, result)

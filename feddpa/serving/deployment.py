@@ -13,11 +13,12 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.config import HTTPOptions
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from feddpa.core.storage import RunDir
 from feddpa.serving.app import AppState, Limits, build_app
@@ -92,10 +93,8 @@ class RayBackend:
     async def run(self, req: Request) -> Result:
         # No multiplexed_model_id: in Ray 2.60 serve.batch splits batches by multiplexed id, which
         # would serve each client alone. The engine's LRU holds the clients instead.
-        try:
-            out = await self.handle.run.remote(req)
-        except Exception as err:
-            raise ServingError(ray_failure(err, req.request_id)) from None
+        call = cast(DeploymentResponse, self.handle.run.remote(req))  # stream=False
+        out = await settled(call, req.request_id)
         if isinstance(out, Failure):
             raise ServingError(out)
         return out
@@ -120,10 +119,24 @@ class RayBackend:
                 items.cancel()  # the caller went away (or a Failure ended it): stop the replica
 
     async def describe(self) -> dict:
-        try:
-            return await self.handle.describe.remote()
-        except Exception as err:  # e.g. BackPressureError: Serve would answer a bare 503
-            raise ServingError(ray_failure(err, "describe")) from None
+        return await settled(cast(DeploymentResponse, self.handle.describe.remote()), "describe")
+
+
+async def settled(response: DeploymentResponse, request_id: str) -> Any:
+    """The call's result. Cancelling an `await` of a Serve `DeploymentResponse` leaves the
+    request queued in the replica, to run later for nobody (Ray 2.60: `__await__` re-raises the
+    CancelledError without cancelling): a caller that gives up (the request timeout, a client gone)
+    cancels the request itself, so Serve drops it from the replica's queue, or cancels the
+    replica's task (`DeploymentResponse.cancel`, which the Personalizer's batcher sees as a
+    cancelled future and skips). A failing call (e.g. BackPressureError, for which Serve would
+    answer a bare 503) becomes the typed failure."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+    except Exception as err:
+        raise ServingError(ray_failure(err, request_id)) from None
 
 
 def ray_failure(err: Exception, request_id: str) -> Failure:
@@ -196,7 +209,46 @@ def build_application(options: ServeOptions):
     return ingress.bind(personalizer, options)
 
 
+APP_NAME = "feddpa"
+PROXY_SLACK_S = 5.0  # the proxy's timeout is a backstop: the app answers 408 / 504 before it
+
+
+def http_options(options: ServeOptions, host: str, port: int) -> dict:
+    """Serve's proxy options: where it listens, and its end-to-end `request_timeout_s` (the body
+    deadline + the request timeout + slack), so a request the app never answers still ends."""
+    limits = options.limits
+    timeout = limits.body_timeout_s + limits.request_timeout_s + PROXY_SLACK_S
+    return {"host": host, "port": port, "request_timeout_s": timeout}
+
+
+def check_proxy(running: HTTPOptions, wanted: dict) -> None:
+    """`serve.start` on a cluster where Serve already runs keeps the running proxy's HTTP options
+    without a word: refuse when they are not the ones asked for (the exposure check trusted
+    --host, while the proxy may listen on 0.0.0.0)."""
+    if (running.host, running.port) != (wanted["host"], wanted["port"]):
+        raise ValueError(
+            f"Ray Serve already runs on this cluster with its HTTP proxy on "
+            f"{running.host}:{running.port}, and keeps it: this app would be served there, not on "
+            f"{wanted['host']}:{wanted['port']}. Pass --host {running.host} --port {running.port} "
+            "(the exposure check then applies to that address), or stop the running Serve first "
+            "(`serve shutdown`)"
+        )
+    if running.request_timeout_s != wanted["request_timeout_s"]:
+        log.warning(
+            "the running Serve proxy keeps its request timeout of %s s (this app asked for %s s)",
+            running.request_timeout_s,
+            wanted["request_timeout_s"],
+        )
+
+
 def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
-    """Start Serve's HTTP proxy on host:port and deploy the app; returns the app handle."""
-    serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_application(options), name="feddpa", route_prefix="/", blocking=blocking)
+    """Start Serve's HTTP proxy on host:port (or join the running one if its options are the
+    same) and deploy the app; returns the app handle."""
+    from ray.serve.context import _get_global_client  # Serve's own client: its running options
+
+    wanted = http_options(options, host, port)
+    serve.start(http_options=wanted)
+    client = _get_global_client()
+    assert client is not None  # serve.start connected it
+    check_proxy(client.http_config, wanted)
+    return serve.run(build_application(options), name=APP_NAME, route_prefix="/", blocking=blocking)

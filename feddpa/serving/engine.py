@@ -9,18 +9,26 @@ Eq. 6–7; the math is `feddpa.core`'s).
 Roll-out: at the start of every batch the engine checks the run's LATEST round; when training has
 committed a new one it swaps in the new global adapter and drops cached clients (their local
 adapters changed too). Batches run one at a time per replica, so no request sees mixed versions.
+The new round is read and checked outside the engine's lock (one reader at a time): batches keep
+running on the served round meanwhile, and only the swap waits for the running batch.
+
+Memory: at most `capacity` clients are resident (local adapter in a `LocalStack` slot, bank in
+memory). A client is loaded only after the least recently used one beyond the capacity is
+evicted, the stack never grows past `capacity` slots, and a batch holding more distinct clients
+than that runs in parts of at most `capacity` clients each.
 
 A bad round never takes serving down: a new round is read and checked whole (state, the global
-adapter's keys, shapes and values, every local adapter's header, every bank) before anything is
-replaced; if that fails the engine keeps serving the previous round, reports itself `degraded`
-(with the reason) and tries again after `retry_s`. The global adapter and the banks are held in
-memory; a client's local adapter is read on its first request, so if training prunes the served
+adapter's keys, shapes and values, every local adapter's header and values, every bank) before
+anything is replaced; if that fails the engine keeps serving the previous round, reports itself `degraded`
+(with the reason) and tries again after `retry_s`. The global adapter is held in memory; a client's
+local adapter and bank are read on its first request, so if training prunes the served
 round meanwhile (FileNotFoundError) the engine moves to the newest round and loads it from there.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -43,7 +51,7 @@ from feddpa.core.evaluation import ClientWeighting, query_representations
 from feddpa.core.models import build_task_model
 from feddpa.core.models.causal import TextSink
 from feddpa.core.records import Example
-from feddpa.core.storage import LATEST, Round, RunDir
+from feddpa.core.storage import LATEST, ClientFiles, Round, RunDir
 from feddpa.core.weighting import ClientBank, mix_rows, needs_bank
 from feddpa.serving.errors import TooLarge, Unavailable, UnknownClient
 from feddpa.serving.stack import LocalStack, StackRoute
@@ -80,8 +88,7 @@ class LoadedRound:
     source: Round
     clients: list[int]
     global_state: AdapterState
-    banks: dict[int, ClientBank]
-    has_local: frozenset[int]
+    has_local: frozenset[int]  # banks and local adapters are read when a client is loaded
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,12 @@ class ServingEngine:
         self.model = build_task_model(self.cfg.model, self.cfg.lora, self.cfg.eval)
         self.model.peft.base_model.set_adapter([GLOBAL])  # type: ignore[union-attr,operator]
         set_trainable(self.model.peft, None)  # set_adapter marks the active adapter trainable
-        self.stack = LocalStack(self.model.peft, slots=min(capacity, 16))  # grows by doubling
+        if capacity < 1:
+            raise ValueError(
+                f"--capacity must be >= 1 (clients resident per replica), got {capacity}"
+            )
+        # grows by doubling, never past the capacity
+        self.stack = LocalStack(self.model.peft, slots=min(capacity, 16), limit=capacity)
         self.weighting = algorithms.method_of(self.cfg).eval_weighting()
         self.capacity = capacity
         self.slots: OrderedDict[int, ClientSlot] = OrderedDict()
@@ -132,6 +144,8 @@ class ServingEngine:
         self.failed: tuple[str, float] | None = None  # (round, monotonic time) of the last failure
         self.retry_s = 30.0  # a round that failed is read again after this long
         self.lock = threading.RLock()  # re-entrant: run_batch and validate call slot/refresh
+        self.reading = threading.Lock()  # one thread reads a new round, outside `lock`
+        self.pinned: set[int] = set()  # clients of the running batch part: never evicted
         if not self.refresh():
             raise FileNotFoundError(f"{self.run_dir}: no committed round to serve yet")
 
@@ -141,8 +155,13 @@ class ServingEngine:
 
     def refresh(self) -> bool:
         """Switch to the newest committed round if training moved on and it checks out; True if
-        a round is served. Raises only when there is no round to fall back on (start-up)."""
-        with self.lock:  # never swap the global or evict under a running batch
+        a round is served. Raises only when there is no round to fall back on (start-up).
+
+        The round is read outside `lock` (batches go on meanwhile); the swap takes it. While
+        another thread is reading, this returns at once: the served round stays."""
+        if not self.reading.acquire(blocking=not self.version):
+            return True
+        try:
             name = LATEST
             try:
                 latest = self.run.latest()
@@ -158,8 +177,11 @@ class ServingEngine:
                 if not self._waiting(name):  # once per retry_s in the log, not per request
                     self._degrade(name, err)
                 return True
-            self._switch(loaded)
+            with self.lock:  # never swap the global or evict under a running batch
+                self._switch(loaded)
             return True
+        finally:
+            self.reading.release()
 
     def _waiting(self, name: str) -> bool:
         """True while the round `name` failed less than `retry_s` ago."""
@@ -170,12 +192,15 @@ class ServingEngine:
         )
 
     def _degrade(self, name: str, err: Exception) -> None:
+        """Report the failed round (public: `/healthz` shows it, so paths are relative to the
+        run directory; the log has the full error)."""
+        relative = str(err).replace(f"{self.run_dir}{os.sep}", "").replace(str(self.run_dir), ".")
         self.problem = (
-            f"{name} could not be loaded ({err}); serving {self.version}, "
+            f"{name} could not be loaded ({relative}); serving {self.version}, "
             f"retrying every {self.retry_s:g} s"
         )
         self.failed = (name, time.monotonic())
-        log.error("%s", self.problem)
+        log.error("%s could not be loaded (%s); serving %s", name, err, self.version)
 
     def _switch(self, loaded: LoadedRound) -> None:
         """Replace the served round (everything was checked: nothing below can fail halfway)."""
@@ -188,28 +213,24 @@ class ServingEngine:
         log.info("serving %s (%d clients)", loaded.source.name, len(self.clients))
 
     def _read_round(self, source: Round) -> LoadedRound:
-        """Read and check a committed round whole; raises naming the file at fault."""
+        """Read and check a committed round whole; raises naming the file at fault. Local
+        adapters and banks are checked one at a time and not kept: a client's are read again
+        when it is loaded, so only resident clients' are in memory."""
         clients = source.client_ids()
         global_state = source.global_adapter()
         self._check_adapter(source.global_file, _shapes(global_state))
-        for key, value in global_state.items():
-            if not torch.isfinite(value).all():
-                raise ValueError(f"{source.global_dir}: {key} holds NaN or inf")
-        banks, has_local = {}, set()
+        _check_finite(source.global_dir, global_state)
+        has_local = set()
         for cid in clients:
             files = source.client(cid)
             if files.has_local():
                 self._check_adapter(files.local_file, _header_shapes(files.local_file))
+                _check_finite(files.local_dir, files.read_local() or {})
                 has_local.add(cid)
-            bank = files.read_bank()
-            if bank is not None:
-                if bank.vectors.ndim != 2 or not torch.isfinite(bank.vectors).all():
-                    raise ValueError(f"{files.bank_file}: not an (N, H) finite bank")
-                # copies: the loaded tensors may map the file, which must not pin the round
-                banks[cid] = replace(bank, vectors=bank.vectors.clone(), loo=bank.loo.clone())
+            _checked_bank(files)
         if not source.committed():
             raise FileNotFoundError(f"{source.path} was removed while it was read")
-        return LoadedRound(source, clients, global_state, banks, frozenset(has_local))
+        return LoadedRound(source, clients, global_state, frozenset(has_local))
 
     def _check_adapter(self, where: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         if shapes.keys() != self.expected.keys():
@@ -241,7 +262,9 @@ class ServingEngine:
             self.stack.release(slot.index)
 
     def slot(self, cid: int) -> ClientSlot:
-        """The client's cached slot, loading its local adapter + bank on a miss (LRU)."""
+        """The client's cached slot, loading its local adapter + bank on a miss (LRU): the least
+        recently used client not in the running batch part is evicted first, so at most
+        `capacity` clients are ever resident."""
         with self.lock:  # Serve warms slots from the event loop while a batch runs
             if cid in self.slots:
                 self.slots.move_to_end(cid)
@@ -249,20 +272,37 @@ class ServingEngine:
             if cid not in self.clients:
                 raise UnknownClient(cid)
             assert self.round is not None  # set with self.clients
+            self._make_room()
             start = time.perf_counter()
-            index = -1
-            if cid in self.round.has_local:
-                files = self.round.source.client(cid)
-                try:
-                    state = files.read_local()
-                except FileNotFoundError:
-                    state = None
-                if state is None:
-                    raise RoundVanished(f"{self.version} was removed while serving it; retry")
-                index = self.stack.put(state, owner=str(files.local_dir))
-            bank = self.round.banks.get(cid)
+            files = self.round.source.client(cid)
+            try:
+                state = files.read_local() if cid in self.round.has_local else None
+                bank = _checked_bank(files)
+                if state is not None:
+                    _check_finite(files.local_dir, state)
+            except FileNotFoundError:
+                raise RoundVanished(f"{self.version} was removed while serving it; retry") from None
+            except Exception as err:  # the server's files, not the request: never a 4xx
+                log.error("client %d of %s could not be loaded: %s", cid, self.version, err)
+                raise Unavailable(
+                    f"client {cid}'s adapters in {self.version} could not be loaded; the server "
+                    "log has the details (the operator must repair or replace the round)"
+                ) from None
+            if cid in self.round.has_local and state is None:
+                raise RoundVanished(f"{self.version} was removed while serving it; retry")
+            index = -1 if state is None else self.stack.put(state, owner=str(files.local_dir))
             self.slots[cid] = ClientSlot(cid, index, bank, time.perf_counter() - start)
             return self.slots[cid]
+
+    def _make_room(self) -> None:
+        """Evict least recently used clients (never the running part's) until one more fits."""
+        for old in list(self.slots):
+            if len(self.slots) < self.capacity:
+                return
+            if old not in self.pinned:
+                self._evict(old)
+        if len(self.slots) >= self.capacity:  # run_batch splits batches: cannot happen
+            raise RuntimeError(f"all {self.capacity} resident clients are in the running batch")
 
     def slots_for(self, cids: list[int]) -> list[ClientSlot]:
         """Every client's slot; if training pruned the served round meanwhile, the newest round
@@ -273,11 +313,6 @@ class ServingEngine:
             self.failed = None  # read the newest round now
             self.refresh()
             return [self.slot(c) for c in cids]
-
-    def shrink(self) -> None:
-        """Evict least recently used clients beyond the capacity (never during a batch)."""
-        while len(self.slots) > self.capacity:
-            self._evict(next(iter(self.slots)))
 
     def _weights(self, requests: list[Request], slots: list[ClientSlot], route: StackRoute) -> Mix:
         """Per-row (global, local) weights: `mix_rows`, the function evaluation calls too."""
@@ -313,8 +348,8 @@ class ServingEngine:
         """
         slot = self.slots.get(req.client_id)  # a dict read: atomic, never a torn slot
         if slot is None:
+            self.refresh()
             with self.lock:
-                self.refresh()
                 (slot,) = self.slots_for([req.client_id])
         self._mode(req, slot)
         if req.task == "generate" and self.kind != "causal_lm":
@@ -330,16 +365,25 @@ class ServingEngine:
                 raise TooLarge(f"prompt has {count} tokens; the limit is {req.max_prompt_tokens}")
 
     def run_batch(self, requests: list[Request], on_text: TextSink | None = None) -> list[Result]:
-        """Serve a batch of (possibly) many clients' requests in one pass. `on_text(i, delta)`
-        receives the generated text of `requests[i]` as it is decoded (streaming)."""
+        """Serve a batch of (possibly) many clients' requests in one pass (in parts of at most
+        `capacity` distinct clients). `on_text(i, delta)` receives the generated text of
+        `requests[i]` as it is decoded (streaming)."""
+        self.refresh()
+        results: list[Result | None] = [None] * len(requests)
         with self.lock, torch.no_grad():
-            self.refresh()
-            slots = self.slots_for([r.client_id for r in requests])
-            route = StackRoute(self.stack, torch.tensor([s.index for s in slots]))
-            try:
-                return self._run(requests, self._weights(requests, slots, route), route, on_text)
-            finally:
-                self.shrink()
+            for rows in _parts(requests, self.capacity):
+                part = [requests[i] for i in rows]
+                sink = None if on_text is None else _rows_to_requests(on_text, rows)
+                self.pinned = {r.client_id for r in part}
+                try:
+                    slots = self.slots_for([r.client_id for r in part])
+                    route = StackRoute(self.stack, torch.tensor([s.index for s in slots]))
+                    mix = self._weights(part, slots, route)
+                    for i, result in zip(rows, self._run(part, mix, route, sink), strict=True):
+                        results[i] = result
+                finally:
+                    self.pinned = set()
+        return [r for r in results if r is not None]
 
     def _count(self, text: str, special: bool) -> int:
         return len(self.model.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -403,6 +447,36 @@ class ServingEngine:
             beams = min(evaluation.num_beams, req.max_beams or evaluation.num_beams)
             groups.setdefault((tokens, beams), []).append(i)
         return groups
+
+
+def _parts(requests: list[Request], capacity: int) -> list[list[int]]:
+    """Row indices in order, cut into parts of at most `capacity` distinct clients each."""
+    parts: list[list[int]] = [[]]
+    clients: set[int] = set()
+    for i, req in enumerate(requests):
+        if req.client_id not in clients and len(clients) == capacity:
+            parts.append([])
+            clients = set()
+        clients.add(req.client_id)
+        parts[-1].append(i)
+    return parts
+
+
+def _check_finite(where: Path, state: AdapterState) -> None:
+    for key, value in state.items():
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{where}: {key} holds NaN or inf")
+
+
+def _checked_bank(files: ClientFiles) -> ClientBank | None:
+    """The client's bank, checked, as a copy (the loaded tensors may map the file, which must
+    not pin the round); None without one."""
+    bank = files.read_bank()
+    if bank is None:
+        return None
+    if bank.vectors.ndim != 2 or not torch.isfinite(bank.vectors).all():
+        raise ValueError(f"{files.bank_file}: not an (N, H) finite bank")
+    return replace(bank, vectors=bank.vectors.clone(), loo=bank.loo.clone())
 
 
 def _rows_to_requests(on_text: TextSink, rows: list[int]) -> TextSink:

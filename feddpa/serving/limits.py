@@ -4,7 +4,9 @@
 A request over a size limit gets 413 naming the field and the limit; `max_tokens` over the limit
 is a 422 (a bad value, as OpenAI's API answers); too many requests in flight give 503 (service
 queue) or 429 (one client's share), both with Retry-After; a request that runs past the timeout
-gets 504 with Retry-After.
+gets 504 with Retry-After; a body not received within `body_timeout_s` gets 408, and a client
+token with `max_token_connections` requests open (their bodies still arriving included) gets 429
+before its next body is read.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def _limit(default: float, doc: str) -> Any:
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = _limit(1 << 20, "request body size; 413 before the body is parsed")
+    body_timeout_s: float = _limit(10.0, "seconds to receive a request body before 408")
     max_prompt_chars: int = _limit(8000, "characters of an instruction, prompt or chat")
     max_options: int = _limit(32, "answer options per request")
     max_option_chars: int = _limit(500, "characters of one option")
@@ -31,6 +34,9 @@ class Limits:
     max_beams: int = _limit(4, "beams of generation (the run's eval.num_beams, capped)")
     max_queue: int = _limit(256, "requests in flight per ingress replica before 503")
     max_client_inflight: int = _limit(32, "requests in flight per client before 429")
+    max_token_connections: int = _limit(
+        64, "requests open per client token, body upload included, before 429"
+    )
     request_timeout_s: float = _limit(60.0, "seconds a request may run before 504")
     retry_after_s: int = _limit(1, "Retry-After of 429 / 503 / 504 answers")
 

@@ -6,16 +6,21 @@ metrics layer is in `metrics.py`):
 - `AuthMiddleware`: with a tokens file, every path but the public ones needs a valid bearer token
   (401 otherwise), checked before the body is read, so an unauthenticated request never learns
   anything about the body it sent; `/metrics` needs the admin token. It is the one check: routes
-  read what it found (`token_owner`), never the token;
+  read what it found (`token_owner`), never the token. A client token has at most
+  `max_token_connections` requests open, counted from before the body is read (429 beyond), so one
+  token's slow uploads cannot hold every slot;
 - `BodyLimitMiddleware`: a declared `Content-Length` over the limit is refused (413) before a byte
   is read, and a chunked body is counted as it streams in and refused the moment it passes the
-  limit.
+  limit; a body not received within `body_timeout_s` of the request's start is refused (408).
+  uvicorn bounds neither a body's size nor the time it takes to arrive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from typing import Annotated
 
@@ -76,24 +81,50 @@ class Unauthorized(Exception):
 class AuthMiddleware:
     """Refuses (401) a request without a token that opens its path; otherwise records the one
     client the token opens (`request.state.token_owner`; None: all, for the admin token or without
-    a tokens file)."""
+    a tokens file). A client token with `max_connections` requests open gets 429 at once."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenStore | None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        tokens: TokenStore | None,
+        max_connections: int = 64,
+        retry_after_s: int = 1,
+    ) -> None:
         self.app = app
         self.tokens = tokens
+        self.max_connections = max_connections
+        self.retry_after_s = retry_after_s
+        self.open: Counter[int] = Counter()  # per client token: requests open (bounded: > 0 only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PUBLIC:
-            try:
-                owner = self.owner(scope["path"], Headers(scope=scope))
-            except Unauthorized as err:
-                refused = error_response(
-                    Request(scope), 401, str(err), {"WWW-Authenticate": "Bearer"}
-                )
-                await refused(scope, receive, send)
-                return
-            scope.setdefault("state", {})["token_owner"] = owner
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["path"] in PUBLIC:
+            await self.app(scope, receive, send)
+            return
+        try:
+            owner = self.owner(scope["path"], Headers(scope=scope))
+        except Unauthorized as err:
+            refused = error_response(Request(scope), 401, str(err), {"WWW-Authenticate": "Bearer"})
+            await refused(scope, receive, send)
+            return
+        scope.setdefault("state", {})["token_owner"] = owner
+        if owner is None:  # the admin token, or no tokens file: the service-wide limits apply
+            await self.app(scope, receive, send)
+            return
+        if self.open[owner] >= self.max_connections:
+            detail = (
+                f"the token of client {owner} has {self.open[owner]} requests open; the limit is "
+                f"{self.max_connections}: wait for answers (or finish sending bodies) first"
+            )
+            headers = {"Retry-After": str(self.retry_after_s)}
+            await error_response(Request(scope), 429, detail, headers)(scope, receive, send)
+            return
+        self.open[owner] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open[owner] -= 1
+            if not self.open[owner]:
+                del self.open[owner]
 
     def owner(self, path: str, headers: Headers) -> int | None:
         if self.tokens is None:
@@ -134,9 +165,10 @@ RequestId = Annotated[str, Depends(request_id)]
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 10.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,16 +182,30 @@ class BodyLimitMiddleware:
         await self.app(scope, self.counted(receive), send)
 
     def counted(self, receive: Receive) -> Receive:
-        """`receive` that refuses (413) a body growing past the limit while it streams in."""
+        """`receive` that refuses a body growing past the limit while it streams in (413), or
+        still arriving `timeout_s` after the request started (408). The route answers either."""
         seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        complete = False
 
         async def receive_counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: later calls wait for a disconnect, unbounded
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
+                raise HTTPException(
+                    408,
+                    f"the request body did not arrive within {self.timeout_s:g} s; send it "
+                    "whole and at once (--body-timeout-s bounds the upload)",
+                ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise HTTPException(413, body_too_large(self.max_bytes))  # the route answers
+                    raise HTTPException(413, body_too_large(self.max_bytes))
+                complete = not message.get("more_body", False)
             return message
 
         return receive_counted

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
-from feddpa.core.records import Example, format_options, parse_options
+from feddpa.core.records import Example, parse_options
 from feddpa.serving import schemas as s
 from feddpa.serving.auth import TokenStore
 from feddpa.serving.backends import Backend
@@ -28,6 +28,7 @@ from feddpa.serving.metrics import Metrics
 from feddpa.serving.openai_compat import DONE, Chunks, event, stream_error
 
 log = logging.getLogger(__name__)
+DESCRIBE_TTL_S = 1.0  # how long the client list / served round / health answer is reused
 
 
 @dataclass
@@ -57,10 +58,33 @@ class CompletionService:
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.started = int(time.time())  # the model cards' `created`
+        self.info: dict | None = None  # the backend's last `describe()`, and when it came
+        self.info_at = 0.0
+        self.describing = asyncio.Lock()  # one client-list call in flight per app
 
     async def describe(self) -> dict:
-        """{"clients", "version", "kind"} and, while a newer round fails to load, "problem"."""
-        return await self.state.backend.describe()
+        """{"clients", "version", "kind"} and, while a newer round fails to load, "problem".
+
+        Every route asks (health checks too), so the answer is kept for `DESCRIBE_TTL_S`: the
+        backend (under Serve, the Personalizer, which then looks at the run's LATEST round) is
+        called at most once per interval whatever the request rate, one call at a time, and a call
+        that does not come back within the request timeout is a 503, never a slot held forever."""
+        async with self.describing:
+            if self.info is None or time.monotonic() >= self.info_at + DESCRIBE_TTL_S:
+                limits = self.state.limits
+                try:
+                    info = await asyncio.wait_for(
+                        self.state.backend.describe(), limits.request_timeout_s
+                    )
+                except (TimeoutError, asyncio.TimeoutError):  # distinct classes on Python 3.10
+                    raise HTTPException(
+                        503,
+                        f"the model replicas did not list the clients within "
+                        f"{limits.request_timeout_s:g} s; retry later",
+                        headers=limits.retry(),
+                    ) from None
+                self.info, self.info_at = info, time.monotonic()
+            return self.info
 
     async def clients(self, owner: int | None) -> s.ClientsResponse:
         """The clients the request's token opens (`owner`; None: all)."""
@@ -82,15 +106,18 @@ class CompletionService:
         return info
 
     def mc_example(self, instruction: str, options: list[str] | None) -> Example:
-        """A multiple-choice item: `options`, or the instruction's OPTIONS block."""
-        opts = options or list(parse_options(instruction))
+        """A multiple-choice item: `options`, or the instruction's OPTIONS block, parsed once
+        here. The item carries the list checked against the limits (`Example.choices`): the
+        engine never parses the formatted text again."""
+        opts = list(options) if options else list(parse_options(instruction))
         if len(opts) < 2:
             raise HTTPException(
                 422, "give 'options' (two or more) or end the instruction with an OPTIONS: block"
             )
         check_options(opts, self.state.limits)
-        text = format_options(instruction, opts) if options else instruction
-        return Example(text, opts[0], "request")
+        if options:
+            return Example.multiple_choice(instruction, opts, "request")
+        return Example(instruction, opts[0], "request", choices=tuple(opts))
 
     async def run(self, rid: str, req: EngineRequest) -> Result:
         async with self.admitted(rid, req) as req:

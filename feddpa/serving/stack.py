@@ -11,7 +11,8 @@ in plain torch). The cost is one LoRA branch whatever the number of clients in t
 one-adapter-per-client alternative runs every resident client's branch over every row.
 
 A client's slot is filled from its adapter in stock PEFT key format (the run directory's files);
-the stack grows by doubling when all slots are taken. A batch's `StackRoute` (each row's slot) is
+the stack grows by doubling when all slots are taken, up to its `limit` (the engine's capacity:
+it evicts a client before loading one beyond it). A batch's `StackRoute` (each row's slot) is
 passed beside its `Mix`: core's `RowRoute` hook, which `mixed` applies.
 """
 
@@ -29,7 +30,8 @@ from feddpa.core.adapters import GLOBAL, AdapterState, lora_layers, select_rows
 
 
 class LocalStack:
-    def __init__(self, model: nn.Module, slots: int = 8) -> None:
+    def __init__(self, model: nn.Module, slots: int = 8, limit: int | None = None) -> None:
+        self.limit = limit  # most slots ever allocated; None: no bound
         layers = list(lora_layers(model))
         names = {id(m): name for name, m in model.named_modules()}
         self.keys: dict[str, tuple[int, str]] = {}  # PEFT key -> (layer index, "A" | "B")
@@ -55,6 +57,10 @@ class LocalStack:
 
     def _grow(self) -> None:
         old, n = self.capacity, max(1, self.capacity)  # doubles; a 0-slot stack gets 1
+        if self.limit is not None:
+            n = min(n, self.limit - old)
+        if n <= 0:
+            raise RuntimeError(f"all {old} slots of the local-adapter stack are taken: evict first")
         self.A = [torch.cat([t, t.new_zeros((n, *t.shape[1:]))]) for t in self.A]
         self.B = [torch.cat([t, t.new_zeros((n, *t.shape[1:]))]) for t in self.B]
         self.free = list(range(old + n - 1, old - 1, -1)) + self.free

@@ -163,6 +163,17 @@ def test_errors_raised_in_the_replica_reach_the_client_as_plain_json(served):
     assert "ray::" not in r.text and "\\u001b" not in r.text and "actor_id" not in r.text
 
 
+def test_joining_a_running_serve_with_other_http_options_is_refused(served):
+    """`serve.start` on a running Serve keeps its proxy's HTTP options without a word: the app
+    was deployed on the running proxy's address while the exposure check trusted --host."""
+    from feddpa.serving.deployment import ServeOptions, start
+
+    elsewhere = free_port()
+    with pytest.raises(ValueError, match=f"proxy on 127.0.0.1:{served.url.rsplit(':', 1)[1]}"):
+        start(ServeOptions(run_dir=str(served.run_dir)), host="127.0.0.1", port=elsewhere)
+    assert httpx2.get(f"{served.url}/healthz", timeout=10).status_code == 200  # untouched
+
+
 @pytest.fixture(scope="module")
 def served_causal(served, tmp_path_factory, tiny_llama_dir) -> Iterator[str]:
     """The causal-LM run as a second application under /causal on the same Serve proxy."""
@@ -241,6 +252,63 @@ def test_a_full_queue_is_503_with_retry_after_through_serve(served_causal):
             assert r.headers.get("retry-after") == "1", (r.text, dict(r.headers))
             # refused by the ingress's count, or by the Personalizer's bounded Serve queue
             assert r.json()["detail"] in OVERLOADED, r.text
+
+
+@pytest.fixture
+def served_slow(served, tmp_path_factory, tiny_llama_dir) -> Iterator[str]:
+    """The causal-LM run under /slow: one request per batch and a 0.25 s request timeout, so a
+    burst of long generations times out while queued in the Personalizer."""
+    from ray import serve
+
+    from feddpa.serving.deployment import ServeOptions, build_application
+    from feddpa.serving.limits import Limits
+
+    options = ServeOptions(
+        run_dir=str(causal_run(tmp_path_factory, tiny_llama_dir)),
+        cpus_per_replica=0.5,
+        max_batch_size=1,
+        limits=Limits(request_timeout_s=0.25),
+    )
+    serve.run(build_application(options), name="slow", route_prefix="/slow")
+    url = f"{served.url}/slow"
+    deadline = time.monotonic() + 60
+    while httpx2.get(f"{url}/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the slow app did not become healthy in 60 s"
+        time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        serve.delete("slow")
+
+
+def test_timed_out_requests_leave_no_orphans_in_the_personalizer(served_slow):
+    """A 504 used to cancel the ingress's `await` only: each timed-out request stayed queued in the
+    Personalizer and ran later for nobody, ahead of fresh requests. Now the Serve request is
+    cancelled: of 8 timed-out generations at most the one running at the time is decoded, and a
+    fresh request after them runs next."""
+    from ray import serve
+
+    def generate(tokens: int) -> httpx2.Response:
+        return httpx2.post(
+            f"{served_slow}/v1/clients/1/generate",
+            json={"prompt": "Tell me a long story about the sea", "max_tokens": tokens},
+            timeout=120,
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = [r.status_code for r in pool.map(generate, [250] * 8)]
+    assert set(codes) <= {200, 504} and codes.count(504) >= 4, codes
+    # a fresh short request waits at most for the generation still running (a running batch
+    # cannot be stopped); before the fix it queued behind every orphan and kept timing out
+    attempts, deadline = 1, time.monotonic() + 60
+    while (fresh := generate(2)).status_code == 504 and time.monotonic() < deadline:
+        attempts += 1
+        time.sleep(0.2)
+    assert fresh.status_code == 200, fresh.text
+    replica = serve.get_deployment_handle("Personalizer", app_name="slow")
+    batches = sum(replica.batch_sizes.remote().result().values())
+    # the answered ones, at most two running when the others timed out, and the fresh ones
+    assert batches <= codes.count(200) + 2 + attempts, (batches, attempts, codes)
 
 
 def test_roll_out_under_load_fails_no_request_and_mixes_no_versions(served):

@@ -101,8 +101,17 @@ def test_dashboard_listens_on_the_heads_loopback_only(cluster):
 
 def test_shared_filesystem_is_mounted_into_every_container(cluster):
     mounts = " ".join(cluster["initialization_commands"])
-    assert "/mnt/efs" in mounts and "nfs4" in mounts
+    assert "/mnt/efs" in mounts and "-t efs -o tls" in mounts  # encrypted in transit
+    assert "1777" not in mounts and "chown 1000:100 /mnt/efs" in mounts  # not world-writable
     assert "--volume /mnt/efs:/mnt/efs" in cluster["docker"]["run_options"]
+
+
+def test_no_secret_is_put_on_a_ray_exec_command_line():
+    """A `ray exec` command is echoed, logged and visible in `ps` on the node."""
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in doc.read_text().splitlines():
+            if "ray exec" in line:
+                assert "HF_TOKEN=" not in line and "hf_" not in line, f"{doc.name}: {line}"
 
 
 @pytest.mark.parametrize("method", sorted(PAPER))
