@@ -88,7 +88,7 @@ def _trust(run_dir: Path) -> dict[str, float]:
     return out
 
 
-def profile_seed(runs: dict[str, Path], root: Path) -> dict:
+def profile_seed(runs: dict[str, Path], root: Path, limit: float | None = None) -> dict:
     cfg = load_config(runs["feddpa_t"] / "config.yaml")
     lengths = _tokens(runs["feddpa_t"])
     t = cfg.train
@@ -100,7 +100,8 @@ def profile_seed(runs: dict[str, Path], root: Path) -> dict:
         "feddpa_f": t.finetune_epochs,
         "local": rounds * t.local_epochs,
     }
-    limit = matmul_gflops()
+    measured = limit is None
+    limit = matmul_gflops() if limit is None else limit
     runs_out = {}
     for name, run_dir in runs.items():
         timing = _timing(run_dir, finetune_only=name == "feddpa_f")
@@ -116,6 +117,7 @@ def profile_seed(runs: dict[str, Path], root: Path) -> dict:
     return {
         "wall_s": json.loads(wall.read_text())["wall_s"] if wall.is_file() else None,
         "matmul_gflops": limit,
+        "matmul_source": "measured by this report" if measured else "given (--matmul-gflops)",
         "runs": runs_out,
         "padding_share": {
             "random_batches": padding_share(lengths, t.micro_batch_size, grouped=False),

@@ -109,8 +109,9 @@ def render(result: dict) -> str:
     first = next(iter(result["profile"].values()))
     lines += [
         "",
-        f"`torch.matmul` fp32 limit measured here: {first['matmul_gflops']:.0f} GFLOP/s on "
-        f"{result['threads']} threads. Padding share of training batches: "
+        f"`torch.matmul` fp32 limit ({first.get('matmul_source', 'measured by this report')}): "
+        f"{first['matmul_gflops']:.0f} GFLOP/s on {result['threads']} threads. Padding share "
+        "of training batches: "
         f"{json.dumps({k: round(v, 3) for k, v in first['padding_share'].items()})}.",
     ]
     return "\n".join(lines) + "\n"

@@ -161,6 +161,12 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], help="SECTION.KEY=VALUE for every run")
     ap.add_argument("--report-only", action="store_true", help="tables from finished seeds only")
     ap.add_argument("--name", default="quality-causal", help="results file stem under --out")
+    ap.add_argument(
+        "--matmul-gflops",
+        type=float,
+        help="the fp32 matmul limit to compare training with (GFLOP/s); default: measured now, "
+        "which on a busy machine understates it",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
     seeds, per_seed, profiles = [], [], {}
@@ -172,7 +178,9 @@ def main() -> int:
         runs = run_seed(seed, args)
         seeds.append(seed)
         per_seed.append(seed_records(runs))
-        profiles[str(seed)] = profile_seed(runs, root)  # JSON keys: as written, as read
+        profiles[str(seed)] = profile_seed(
+            runs, root, args.matmul_gflops
+        )  # JSON keys: as written, as read
     if not seeds:
         print("no finished seed", file=sys.stderr)
         return 1
