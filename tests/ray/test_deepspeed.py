@@ -54,22 +54,22 @@ def engine_config(kind: str, stage: int = 2):
 def fit_round(ray, cfg, data_dir: Path, run_dir: Path) -> dict:
     """Round 1 of FedDPA-T for every client in one real `ClientActor` (its own process) using
     `cfg.engine`: the shared start, and per client the uploaded global, local adapter and bank."""
-    from feddpa.actors.host import client_dir
     from feddpa.actors.ray_actor import client_actor_class, from_wire
-    from feddpa.core.storage import load_adapter, load_bank
+    from feddpa.core.storage import RunDir, Stage
 
     env = {"TORCH_EXTENSIONS_DIR": str(EXTENSIONS), "DS_ACCELERATOR": "cpu"}
     cls = client_actor_class(cfg).options(runtime_env={"env_vars": env})
-    actor = cls.remote(cfg, str(data_dir), CLIENTS, str(run_dir / "checkpoints"))
+    actor = cls.remote(cfg, str(data_dir), CLIENTS, RunDir(run_dir))
     start = ray.get(actor.initial_global.remote(), timeout=600)  # wire format: sent back as is
     results = {}
     for cid in CLIENTS:  # one after the other: the engine is reused across clients
-        fit = ray.get(actor.fit.remote(cid, 1, start, str(run_dir / "stage")), timeout=600)
-        cdir = client_dir(run_dir / "stage", cid)
+        stage = Stage(run_dir / "stage", 1)
+        fit = ray.get(actor.fit.remote(cid, 1, start, stage), timeout=600)
+        files = stage.client(cid)
         results[cid] = {
             "global": from_wire(fit.global_state).state(),
-            "local": load_adapter(cdir / "local"),
-            "bank": load_bank(cdir / "bank.safetensors"),
+            "local": files.read_local(),
+            "bank": files.read_bank(),
         }
     ray.kill(actor)
     return {"start": from_wire(start).state(), "results": results}
@@ -110,7 +110,8 @@ def update_disagreement(got: dict, ref: dict, start: dict) -> tuple[float, float
 def test_zero2_and_zero3_match_the_torch_engine_in_a_ray_actor(ray_local, tmp_path):
     import torch
 
-    from feddpa.actors.engine import CONFIG_FILE, deepspeed_config
+    from feddpa.actors.engine import deepspeed_config
+    from feddpa.core.storage import RunDir
     from feddpa.datasets.prepare import prepare_shards
 
     cfgs = {
@@ -124,9 +125,9 @@ def test_zero2_and_zero3_match_the_torch_engine_in_a_ray_actor(ray_local, tmp_pa
     local_start = local_starts(cfgs["torch"])
 
     for name in ("zero2", "zero3"):
-        written = json.loads((tmp_path / name / CONFIG_FILE).read_text())
+        written = json.loads(RunDir(tmp_path / name).deepspeed_file.read_text())
         assert written == deepspeed_config(cfgs[name])
-    assert not (tmp_path / "torch" / CONFIG_FILE).exists()
+    assert not RunDir(tmp_path / "torch").deepspeed_file.exists()
 
     ref = out["torch"]
     for name in ("zero2", "zero3"):

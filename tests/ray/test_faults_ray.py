@@ -93,7 +93,7 @@ class HangActorOne(RayExecutor):
         ray_cfg = self.cfg.ray.model_copy(update={"round_timeout_s": 8 if step == 1 else 600})
         self.cfg = self.cfg.model_copy(update={"ray": ray_cfg})  # short for round 1 only
         if step == 1:
-            HangActorOne.marker = str(stage / "late-write")
+            HangActorOne.marker = str(stage.path / "late-write")
 
             def hang(_actor, path: str) -> None:
                 time.sleep(20)

@@ -16,6 +16,7 @@ from test_runner import cli, latest_round, llama_cfg, metrics
 
 import feddpa.orchestrator.loop as loop
 from feddpa.actors.host import ClientHost, FitResult
+from feddpa.core.config import build_config
 from feddpa.core.fedavg import FlatState, OrderedAverage, RunningAverage
 from feddpa.core.storage import (
     RunDir,
@@ -318,10 +319,11 @@ def test_discarding_a_client_whose_actor_died_marks_the_actor_instead_of_raising
             def remote(cid):
                 return cid
 
-    def dead(_ref):
+    def dead(_ref, timeout=None):
         raise RayActorError()
 
     executor = object.__new__(rx.RayExecutor)  # no cluster: only discard's own logic
+    executor.cfg = build_config({})  # its calls are bounded by ray.round_timeout_s
     actors = [Actor(), Actor()]
     executor.actors, executor.owner, executor.suspects = actors, {7: actors[1]}, set()
     monkeypatch.setattr(rx.ray, "get", dead)

@@ -14,7 +14,7 @@ from feddpa.actors.host import ClientHost
 from feddpa.core.adapters import LOCAL
 from feddpa.core.evaluation import representations
 from feddpa.core.models import build_task_model
-from feddpa.core.storage import client_dir, load_adapter, load_bank
+from feddpa.core.storage import Stage, client_dir, load_adapter, load_bank
 from feddpa.orchestrator.executor import InProcessExecutor
 from feddpa.orchestrator.report import fedit_comparison, run_summary
 
@@ -91,9 +91,10 @@ def test_a_fit_stages_trust_zero_and_calibration_measures_it_against_the_aggrega
     step = cfg.federation.rounds  # FedDPA-F's fine-tuning step
     final_global = load_adapter(latest_round(run_dir) / "global")
     host = ClientHost(cfg, str(run_dir / "data"), [0])
-    host.fit(0, step, final_global, tmp_path)
+    stage = Stage(tmp_path, step)
+    host.fit(0, step, final_global, stage)
     assert load_bank(client_dir(tmp_path, 0) / "bank.safetensors").trust == 0.0
-    trust = host.calibrate(0, final_global, step, tmp_path)
+    trust = host.calibrate(0, final_global, step, stage)
     committed = load_bank(client_dir(latest_round(run_dir), 0) / "bank.safetensors").trust
     assert trust == committed == load_bank(client_dir(tmp_path, 0) / "bank.safetensors").trust
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
