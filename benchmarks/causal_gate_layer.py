@@ -63,8 +63,13 @@ def main() -> int:
     for seed in args.seeds:
         run_dir = args.work / f"s{seed}" / "feddpa_f"
         cache = args.work / f"s{seed}" / f"feddpa_f-{name}.json"
-        if not (run_dir / "metrics.jsonl").is_file() or (args.report_only and not cache.is_file()):
+        if not (run_dir / "metrics.jsonl").is_file():
             print(f"seed {seed}: no finished FedDPA-F run at {run_dir}; skipped", file=sys.stderr)
+            continue
+        if args.report_only and not cache.is_file():
+            print(
+                f"seed {seed}: not evaluated at layer {args.layer:g} yet; skipped", file=sys.stderr
+            )
             continue
         final = run_summary(run_dir)["final"]
         layered = evaluated(run_dir, args.layer, cache)
