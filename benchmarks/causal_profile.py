@@ -117,7 +117,7 @@ def profile_seed(runs: dict[str, Path], root: Path, limit: float | None = None) 
     return {
         "wall_s": json.loads(wall.read_text())["wall_s"] if wall.is_file() else None,
         "matmul_gflops": limit,
-        "matmul_source": "measured by this report" if measured else "given (--matmul-gflops)",
+        "matmul_source": "measured by this report" if measured else "given with --matmul-gflops",
         "runs": runs_out,
         "padding_share": {
             "random_batches": padding_share(lengths, t.micro_batch_size, grouped=False),
