@@ -45,7 +45,8 @@ def evaluated(run_dir: Path, layer: float, cache: Path) -> dict:
 
 
 def fmt(d: dict) -> str:
-    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+    """A paired difference in points of ROUGE-1 (the records hold fractions)."""
+    return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"
 
 
 def main() -> int:
@@ -121,8 +122,8 @@ def main() -> int:
         "eval_s": [s["eval_s"] for s in per_seed],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"quality-causal-{name}"
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    stem = f"quality-causal-{name}"  # "layer0.5": no with_suffix (it would eat ".5")
+    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         f"# FedDPA-F's gate at layer {args.layer:g} of SmolLM2 (vs the final layer)",
         "",
@@ -131,9 +132,9 @@ def main() -> int:
         "trained runs re-evaluated (adapters and trust unchanged, banks rebuilt at the layer); "
         "seeds " + ", ".join(map(str, seeds)) + ", 25 test items per task.",
         "",
-        "| gate | P | TTP |",
+        "| gate (ROUGE-1, %) | P | TTP |",
         "|---|---:|---:|",
-        *(f"| {m} | {means[m]['P']:.2f} | {means[m]['TTP']:.2f} |" for m in methods),
+        *(f"| {m} | {100 * means[m]['P']:.2f} | {100 * means[m]['TTP']:.2f} |" for m in methods),
         "",
         "Mean local weight the gate puts on other tasks' items (its leak): final layer "
         f"{other['final_layer']:.2f}, layer {args.layer:g} {other[name]:.2f}.",
@@ -145,7 +146,7 @@ def main() -> int:
         *(f"| {k} | {fmt(v['P'])} | {fmt(v['TTP'])} |" for k, v in comparisons.items()),
         "",
     ]
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    (args.out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 
