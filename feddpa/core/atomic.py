@@ -10,6 +10,15 @@ import tempfile
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    current = os.umask(0)  # the only way to read it; done once, at import, before any thread
+    os.umask(current)
+    return current
+
+
+_UMASK = _read_umask()
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -37,7 +46,7 @@ def atomic_write_bytes(
         raise FileExistsError(f"{path} exists")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -61,9 +70,3 @@ def fsync_tree(root: Path) -> None:
             with open(Path(dirpath) / name, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(Path(dirpath))
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current

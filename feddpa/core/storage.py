@@ -31,7 +31,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
@@ -562,8 +562,3 @@ class RunDir:
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
             fh.flush()
             yield  # closing the file releases the lock
-
-
-def run_lock(run_dir: Path) -> AbstractContextManager[None]:
-    """`RunDir(run_dir).lock()`."""
-    return RunDir(run_dir).lock()
