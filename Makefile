@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 
-.PHONY: setup run run-llm test test-fast lint typecheck clean
+.PHONY: setup run run-llm test test-fast test-integration lint typecheck clean
 
 DS_OPS := $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/deepspeed_shm_comm.so
 
@@ -51,9 +51,13 @@ typecheck: setup
 test: lint typecheck
 	$(BIN)/pytest -q tests
 
-# The fast tier while developing: unit tests without Ray and without the slow real-model test
+# The fast tier while developing (about a minute): unit tests, no Ray, no training run, no real model
 test-fast: setup
 	$(BIN)/pytest -q tests/unit -m "not slow"
+
+# In-process end-to-end runs (training through the CLI, faults, serving over HTTP), no Ray
+test-integration: setup
+	$(BIN)/pytest -q tests/integration
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -3,7 +3,7 @@ in a causal LM's model object, so an override that only changed the config was s
 
 from __future__ import annotations
 
-from test_runner import llama_cfg
+from run_helpers import llama_cfg
 
 import feddpa.orchestrator.loop as loop
 from feddpa.orchestrator.executor import InProcessExecutor

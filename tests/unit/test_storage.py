@@ -109,7 +109,7 @@ def test_a_round_is_staged_committed_and_read_back(tmp_path):
 def test_a_locked_run_directory_gets_nothing_written_by_a_new_train(tmp_path, capsys):
     """Before, the CLI wrote execution.json before any lock was taken: a second `feddpa train
     --run-dir X` while X was held overwrote the first run's record of how it was started."""
-    from test_runner import cli
+    from run_helpers import cli
 
     config = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
     run = RunDir(tmp_path / "run")

@@ -157,7 +157,7 @@ def test_the_gates_layer_is_stored_with_the_bank_and_a_mismatch_names_the_fix(tm
 def test_a_causal_representation_at_a_layer_is_that_layers_last_prompt_token(
     small_cfg, tiny_llama_dir
 ):
-    from test_runner import llama_cfg
+    from run_helpers import llama_cfg
 
     from feddpa.core.adapters import mixed
     from feddpa.core.evaluation import NO_ADAPTER, representations

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from test_runner import adapter_files, cli, latest_round, llama_cfg, metrics
+from run_helpers import adapter_files, cli, latest_round, llama_cfg, metrics
 
 import feddpa.orchestrator.loop as loop
 from feddpa.core import dp

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runner import cli, latest_round, llama_cfg, metrics
+from run_helpers import cli, latest_round, llama_cfg, metrics
 
 import feddpa.orchestrator.loop as loop
 from feddpa.actors.host import ClientHost, FitResult

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_runner import latest_round, llama_cfg
+from run_helpers import latest_round, llama_cfg
 
 import feddpa.orchestrator.loop as loop
 from feddpa.actors.host import ClientHost
